@@ -1,0 +1,38 @@
+"""hf_ispasp: structured pruning of Hugging Face Transformers and timm models with i-SpaSP.
+
+i-SpaSP (Wolfe & Kyrillidis, "i-SpaSP: Structured Neural Pruning via Sparse Signal Recovery",
+arXiv:2112.04905) selects the attention heads, FFN neurons or channels to keep by sparse signal recovery on
+each block's hidden representation.
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import (  # noqa: E402
+    ModelAdapter,
+    PrunableBlock,
+    UnsupportedModelError,
+    adapter_for,
+    register_adapter,
+    supported_model_types,
+)
+from .config import PrunerConfig  # noqa: E402
+from .pruner import ISpaSPPruner, PruningReport  # noqa: E402
+from .serialization import CheckpointMismatchError, load_pruned, save_pruned  # noqa: E402
+from .statistics import CalibrationError  # noqa: E402
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointMismatchError",
+    "ISpaSPPruner",
+    "ModelAdapter",
+    "PrunableBlock",
+    "PrunerConfig",
+    "PruningReport",
+    "UnsupportedModelError",
+    "__version__",
+    "adapter_for",
+    "load_pruned",
+    "register_adapter",
+    "save_pruned",
+    "supported_model_types",
+]

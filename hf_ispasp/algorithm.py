@@ -1,0 +1,285 @@
+"""i-SpaSP on streamed statistics (Wolfe & Kyrillidis, arXiv:2112.04905).
+
+A prunable block maps its input to a hidden representation ``H`` (tokens x width, made of ``N`` groups
+of ``g`` columns) and projects it back with ``Y = H W^T + b``. Every quantity the iteration needs is a
+function of three statistics of ``H`` accumulated in one streaming pass: the token count ``n``, the
+column sums ``s = sum_b H_b`` and the Gram matrix ``G = H^T H``. With ``P = W^T W`` and ``E = G * P``
+(elementwise), the residual of a support is ``||V||_F^2 = m^T E m`` where ``m`` marks the dropped
+columns, so an iteration costs nothing that grows with the calibration set.
+
+This module knows nothing of transformers or timm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "BlockStatistics",
+    "SelectionResult",
+    "group_columns",
+    "refit_projection",
+    "residual_after_refit",
+    "select_groups",
+]
+
+
+@dataclass
+class BlockStatistics:
+    """Streaming sums of a block's hidden representation; memory is O(width^2), not O(samples)."""
+
+    width: int
+    count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    total: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.total is None:
+            self.total = torch.zeros(self.width, dtype=torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(self.width, self.width, dtype=torch.float64)
+
+    def update(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        """Add rows of ``hidden`` (tokens x width), already stripped of padding tokens."""
+        if hidden.shape[-1] != self.width:
+            raise ValueError(f"hidden representation has width {hidden.shape[-1]}, statistics expect {self.width}")
+        rows = hidden.reshape(-1, self.width).to(dtype)
+        if rows.shape[0] == 0:
+            return
+        # Products in `dtype` (fast), accumulation across batches in float64 (order-robust).
+        self.count += rows.shape[0]
+        self.total += rows.sum(0).to(torch.float64).cpu()
+        self.gram += (rows.T @ rows).to(torch.float64).cpu()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to sum across processes."""
+        return [self.count, self.total, self.gram]
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
+
+
+@dataclass
+class SelectionResult:
+    """Kept groups (sorted) and the residual of the selection, before any re-fit."""
+
+    groups: torch.Tensor
+    residual: float
+    relative_residual: float
+    iterations: int
+    residual_history: list[float] = field(default_factory=list)
+
+
+def _group_sum(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    return values.reshape(-1, group_size).sum(-1)
+
+
+def group_columns(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Column indices of the kept groups (groups are ``group_size`` consecutive columns)."""
+    groups = groups.to(torch.long).cpu()
+    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+
+
+def _topk_groups(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` largest scores (ties broken by lower index, deterministically)."""
+    if candidates is not None:
+        scores = torch.where(candidates, scores, torch.full_like(scores, -torch.inf))
+    order = torch.argsort(-scores, stable=True)
+    return order[:k]
+
+
+class _Problem:
+    """The quadratic forms of one block, precomputed once per selection."""
+
+    def __init__(self, stats: BlockStatistics, weight: torch.Tensor, group_size: int) -> None:
+        self.group_size = group_size
+        self.weight = weight.detach().to(device="cpu", dtype=torch.float64)
+        self.gram = stats.gram
+        self.total = stats.total
+        self.energy = stats.gram * (self.weight.T @ self.weight)  # E = G * P
+        self.num_groups = stats.width // group_size
+        self.full_energy = float(self.energy.sum())
+
+    def dropped_mask(self, support: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(self.num_groups, dtype=torch.float64)
+        mask[support] = 0.0
+        return mask.repeat_interleave(self.group_size)
+
+    def residual(self, support: torch.Tensor) -> float:
+        m = self.dropped_mask(support)
+        return float(m @ self.energy @ m)
+
+    def proxy(self, support: torch.Tensor, kind: str) -> torch.Tensor:
+        """Per-group size of the residual gradient ``V W`` w.r.t. the dense hidden representation."""
+        m = self.dropped_mask(support)
+        if kind == "sum":
+            # Signed sum over samples per column (reference code), then the norm over the group's columns.
+            column = self.weight.T @ (self.weight @ (m * self.total))
+            return column.reshape(self.num_groups, self.group_size).norm(dim=-1)
+        dropped = self.weight * m  # W with kept columns zeroed: V_b = dropped @ H_b
+        vtv = dropped @ self.gram @ dropped.T  # sum_b V_b V_b^T
+        column = ((vtv @ self.weight) * self.weight).sum(0)  # sum_b (V_b^T W_j)^2
+        return _group_sum(column.clamp_min(0), self.group_size).sqrt()
+
+    def static_score(self, kind: str) -> torch.Tensor:
+        if kind == "sum":
+            return self.total.reshape(self.num_groups, self.group_size).norm(dim=-1)
+        if kind == "l2":
+            return _group_sum(torch.diagonal(self.gram).clamp_min(0), self.group_size).sqrt()
+        if kind == "output":
+            blocks = self.energy.reshape(self.num_groups, self.group_size, self.num_groups, self.group_size)
+            return torch.diagonal(blocks.sum((1, 3)))
+        raise ValueError(f"unknown score {kind!r}")
+
+    def residual_threshold(self, merged: torch.Tensor, keep: int) -> torch.Tensor:
+        """Backward elimination on the merged support with the exact residual (no re-solve)."""
+        g = self.group_size
+        support = merged.clone()
+        energy_m = self.energy @ self.dropped_mask(support)  # E m
+        blocks = self.energy.reshape(self.num_groups, g, self.num_groups, g)
+        self_energy = torch.diagonal(blocks.sum((1, 3)))
+        while support.numel() > keep:
+            # Residual increase when group j joins the dropped set: 2 (E m)_j + E_jj.
+            increase = 2 * _group_sum(energy_m, g)[support] + self_energy[support]
+            drop = int(torch.argsort(increase, stable=True)[0])
+            cols = group_columns(support[drop : drop + 1], g)
+            energy_m += self.energy[:, cols].sum(1)
+            support = torch.cat([support[:drop], support[drop + 1 :]])
+        return support
+
+
+def select_groups(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    group_size: int,
+    keep: int,
+    *,
+    selection: str = "ispasp",
+    proxy: str = "l2",
+    threshold: str = "output",
+    num_iterations: int = 20,
+    weight_scores: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SelectionResult:
+    """Choose ``keep`` groups of a block.
+
+    Args:
+        stats: Statistics of the dense hidden representation on the calibration inputs.
+        weight: The output projection ``W`` (out_features x width); columns are grouped consecutively.
+        group_size: Columns per group (1 for neurons, head_dim for attention heads).
+        keep: Number of groups to keep, ``1 <= keep <= num_groups``.
+        selection: ``ispasp`` or a baseline (``random``, ``weight_magnitude``, ``activation``,
+            ``output_energy``).
+        proxy: ``sum`` (signed sum over samples, as the reference code) or ``l2`` over samples.
+        threshold: ``sum``, ``l2``, ``output`` (static scores) or ``residual`` (exact residual elimination).
+        num_iterations: Maximum iterations; stops when the support repeats.
+        weight_scores: Per-group weight magnitude, required by ``weight_magnitude``.
+        generator: Random generator for ``random``.
+    """
+    if stats.width % group_size:
+        raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
+    problem = _Problem(stats, weight, group_size)
+    n = problem.num_groups
+    if not 1 <= keep <= n:
+        raise ValueError(f"cannot keep {keep} of {n} groups")
+    history: list[float] = []
+    iterations = 0
+    if keep == n:
+        support = torch.arange(n)
+    elif selection == "random":
+        support = torch.randperm(n, generator=generator)[:keep]
+    elif selection == "weight_magnitude":
+        if weight_scores is None:
+            raise ValueError("weight_magnitude selection needs weight_scores")
+        support = _topk_groups(weight_scores.to(torch.float64).cpu(), keep)
+    elif selection == "activation":
+        support = _topk_groups(problem.static_score("l2"), keep)
+    elif selection == "output_energy":
+        support = _topk_groups(problem.static_score("output"), keep)
+    elif selection == "ispasp":
+        static = None if threshold == "residual" else problem.static_score(threshold)
+        support = torch.zeros(0, dtype=torch.long)
+        best, best_residual = support, float("inf")
+        for iterations in range(1, num_iterations + 1):
+            scores = problem.proxy(support, proxy)
+            omega = _topk_groups(scores, min(2 * keep, n))
+            merged = torch.zeros(n, dtype=torch.bool)
+            merged[omega] = True
+            merged[support] = True
+            if static is None:
+                new_support = problem.residual_threshold(torch.nonzero(merged).flatten(), keep)
+            else:
+                new_support = _topk_groups(static, keep, candidates=merged)
+            new_support = torch.sort(new_support).values
+            residual = problem.residual(new_support)
+            history.append(residual)
+            if residual < best_residual:
+                best, best_residual = new_support, residual
+            if torch.equal(new_support, support):
+                break
+            support = new_support
+        support = best
+    else:
+        raise ValueError(f"unknown selection rule {selection!r}")
+    support = torch.sort(support).values
+    residual = problem.residual(support)
+    relative = residual / problem.full_energy if problem.full_energy > 0 else 0.0
+    return SelectionResult(support, residual, relative, iterations, history)
+
+
+def refit_projection(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    group_size: int,
+    damping: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares output projection on the kept groups: ``min ||H W^T + b - H_S W'^T - b'||``.
+
+    With a bias the problem is solved on centred statistics (the bias absorbs the mean of the dropped
+    columns); without one, on raw second moments. Returns float64 ``(W', b')`` on the CPU.
+    """
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    cols = group_columns(groups, group_size)
+    n = float(stats.count)
+    if n <= 0:
+        raise ValueError("cannot re-fit without calibration tokens")
+    mean = stats.total / n
+    moment = stats.gram / n
+    if bias is not None:
+        moment = moment - torch.outer(mean, mean)
+    a = moment[cols][:, cols]
+    ridge = damping * float(torch.diagonal(a).mean().clamp_min(0)) + 1e-12
+    a = a + ridge * torch.eye(len(cols), dtype=torch.float64)
+    rhs = moment[cols] @ w.T  # (k x d)
+    new_t = torch.linalg.solve(a, rhs)
+    new_weight = new_t.T.contiguous()
+    new_bias = None
+    if bias is not None:
+        b = bias.detach().to(device="cpu", dtype=torch.float64)
+        new_bias = b + w @ mean - new_weight @ mean[cols]
+    return new_weight, new_bias
+
+
+def residual_after_refit(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    group_size: int,
+    new_weight: torch.Tensor,
+    new_bias: torch.Tensor | None,
+) -> float:
+    """``sum_b ||H_b W^T + b - H_{b,S} W'^T - b'||^2`` from the statistics."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    cols = group_columns(groups, group_size)
+    diff = w.clone()
+    diff[:, cols] -= new_weight.to(torch.float64)
+    shift = torch.zeros(w.shape[0], dtype=torch.float64)
+    if bias is not None and new_bias is not None:
+        shift = bias.detach().to(device="cpu", dtype=torch.float64) - new_bias.to(torch.float64)
+    value = (diff @ stats.gram * diff).sum() + 2 * shift @ (diff @ stats.total) + float(stats.count) * shift @ shift
+    return float(value)

@@ -1,0 +1,154 @@
+"""`PrunerConfig`: every knob of a prune, validated up front and serialisable to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ("ispasp", "random", "weight_magnitude", "activation", "output_energy")
+PROXIES = ("sum", "l2")
+THRESHOLDS = ("sum", "l2", "output", "residual")
+CACHES = ("disk", "memory")
+STATS_DTYPES = ("float32", "float64")
+_OVERRIDE_KEYS = ("ffn_keep_ratio", "head_keep_ratio")
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(
+            f"{name}={value!r} is out of range: a keep ratio is the fraction of groups to keep, 0 < ratio <= 1 "
+            f"(1.0 keeps everything). Pass e.g. {name}=0.5."
+        )
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}.")
+
+
+@dataclass
+class PrunerConfig:
+    """Settings of an i-SpaSP prune (Wolfe & Kyrillidis, "i-SpaSP: Structured Neural Pruning via Sparse
+    Signal Recovery", arXiv:2112.04905).
+
+    The defaults (`proxy="l2"`, `threshold="output"`, `refit=True`) were chosen by measurement on MiniLM-L6
+    fine-tuned for sentence polarity (see BENCHMARKS.md); `proxy="sum"`, `threshold="sum"`, `refit=False`
+    is the paper-faithful variant.
+
+    Args:
+        ffn_keep_ratio: Fraction of FFN neurons (CNN inner channels) kept in every layer.
+        head_keep_ratio: Fraction of attention heads kept in every layer.
+        num_iterations: Maximum i-SpaSP iterations per block; stops early once the support is stable.
+        selection: Selection rule. `ispasp` is the algorithm; the others are baselines sharing the engine.
+        proxy: How the residual gradient is aggregated per group: `sum` (paper) or `l2` over samples.
+        threshold: Score used to cut the merged support back to `s` groups: `sum` of activations (paper),
+            `l2` norm of activations, `output` energy of the group's contribution to the block output, or
+            `residual`: backward elimination on the merged support with the exact residual.
+        refit: Re-fit the output projection on the kept groups by (ridge) least squares from the
+            calibration statistics, bias included.
+        refit_damping: Ridge term, relative to the mean variance of the kept hidden units.
+        layer_overrides: Per-layer keep ratios, e.g. `{0: {"ffn_keep_ratio": 0.8}}`.
+        round_to: Round kept FFN widths to a multiple of this (e.g. 8) for fast kernels.
+        calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
+        max_calibration_samples: Use at most this many calibration sequences (None: all).
+        stats_dtype: Dtype of the per-batch statistic products (accumulation is always float64).
+        activation_cache: Where layer inputs wait between layers: `disk` keeps memory flat in the number
+            of calibration samples, `memory` is a little faster for small calibration sets.
+        seed: Seed for the `random` rule and any tie-breaking.
+        show_progress: Show tqdm progress bars.
+    """
+
+    ffn_keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of FFN neurons kept per layer."})
+    head_keep_ratio: float = field(default=0.75, metadata={"help": "Fraction of attention heads kept per layer."})
+    num_iterations: int = field(default=20, metadata={"help": "Maximum i-SpaSP iterations per block."})
+    selection: str = field(default="ispasp", metadata={"help": f"Selection rule, one of {SELECTIONS}."})
+    proxy: str = field(default="l2", metadata={"help": f"Residual-gradient aggregation, one of {PROXIES}."})
+    threshold: str = field(default="output", metadata={"help": f"Support threshold score, one of {THRESHOLDS}."})
+    refit: bool = field(default=True, metadata={"help": "Least-squares re-fit of the output projection."})
+    refit_damping: float = field(default=1e-4, metadata={"help": "Relative ridge term of the re-fit."})
+    layer_overrides: dict[int, dict[str, float]] = field(
+        default_factory=dict, metadata={"help": "Per-layer keep ratios: {layer: {'ffn_keep_ratio': r}}."}
+    )
+    round_to: int = field(default=1, metadata={"help": "Round kept FFN widths to a multiple of this."})
+    calibration_batch_size: int = field(default=16, metadata={"help": "Batch size for a datasets.Dataset."})
+    max_calibration_samples: int | None = field(default=None, metadata={"help": "Cap on calibration sequences."})
+    stats_dtype: str = field(default="float32", metadata={"help": f"Per-batch statistics dtype, {STATS_DTYPES}."})
+    activation_cache: str = field(default="disk", metadata={"help": f"Layer-input cache, one of {CACHES}."})
+    seed: int = field(default=0, metadata={"help": "Seed for random selection and tie-breaking."})
+    show_progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+    def __post_init__(self) -> None:
+        _check_ratio("ffn_keep_ratio", self.ffn_keep_ratio)
+        _check_ratio("head_keep_ratio", self.head_keep_ratio)
+        if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or self.num_iterations < 1:
+            raise ValueError(f"num_iterations={self.num_iterations!r} must be an integer >= 1 (the paper uses 20).")
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("proxy", self.proxy, PROXIES)
+        _check_choice("threshold", self.threshold, THRESHOLDS)
+        _check_choice("stats_dtype", self.stats_dtype, STATS_DTYPES)
+        _check_choice("activation_cache", self.activation_cache, CACHES)
+        if not (isinstance(self.refit_damping, (int, float)) and math.isfinite(self.refit_damping)) or (
+            self.refit_damping < 0
+        ):
+            raise ValueError(f"refit_damping={self.refit_damping!r} must be a finite number >= 0.")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to!r} must be an integer >= 1 (1 disables rounding).")
+        if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size={self.calibration_batch_size!r} must be an integer >= 1.")
+        if self.max_calibration_samples is not None and (
+            not isinstance(self.max_calibration_samples, int) or self.max_calibration_samples < 1
+        ):
+            raise ValueError(f"max_calibration_samples={self.max_calibration_samples!r} must be None or >= 1.")
+        if not isinstance(self.layer_overrides, dict):
+            raise ValueError(f"layer_overrides must be a dict {{layer_index: {{...}}}}, got {self.layer_overrides!r}.")
+        overrides: dict[int, dict[str, float]] = {}
+        for layer, values in self.layer_overrides.items():
+            try:
+                index = int(layer)  # JSON turns keys into strings
+            except (TypeError, ValueError):
+                raise ValueError(f"layer_overrides key {layer!r} must be a layer index (int).") from None
+            if index < 0:
+                raise ValueError(f"layer_overrides key {layer!r} must be a non-negative layer index.")
+            if not isinstance(values, dict):
+                raise ValueError(f"layer_overrides[{layer!r}] must be a dict such as {{'ffn_keep_ratio': 0.5}}.")
+            for key, value in values.items():
+                if key not in _OVERRIDE_KEYS:
+                    raise ValueError(f"layer_overrides[{layer!r}] has unknown key {key!r}; allowed: {_OVERRIDE_KEYS}.")
+                _check_ratio(f"layer_overrides[{layer!r}][{key!r}]", value)
+            overrides[index] = dict(values)
+        self.layer_overrides = overrides
+
+    def keep_ratio(self, layer: int, kind: str) -> float:
+        """Keep ratio of `kind` ("ffn" or "heads") in `layer`, overrides included."""
+        key = "ffn_keep_ratio" if kind == "ffn" else "head_keep_ratio"
+        return float(self.layer_overrides.get(layer, {}).get(key, getattr(self, key)))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layer_overrides"] = {str(k): v for k, v in self.layer_overrides.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrunerConfig:
+        """Build from a dict, warning on (and ignoring) keys written by a newer version."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("Ignoring unknown PrunerConfig keys %s (written by a newer hf_ispasp?).", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PrunerConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

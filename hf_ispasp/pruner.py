@@ -1,0 +1,274 @@
+"""`ISpaSPPruner`: calibrate -> select -> compact, block by block in forward order."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import ModelAdapter, PrunableBlock, adapter_for
+from .algorithm import BlockStatistics, refit_projection, residual_after_refit, select_groups
+from .config import PrunerConfig
+from .metrics import count_flops, count_parameters
+from .statistics import (
+    ActivationCache,
+    CalibrationError,
+    calibration_batches,
+    capture_layer_inputs,
+    collect_block_statistics,
+    propagate,
+)
+
+__all__ = ["BlockReport", "ISpaSPPruner", "PruningReport", "kept_count"]
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "ispasp"
+
+
+def kept_count(num_groups: int, ratio: float, round_to: int = 1) -> int:
+    """Groups kept for a ratio: at least one, rounded to a multiple of ``round_to`` when that is possible."""
+    keep = max(1, round(ratio * num_groups))
+    if round_to > 1 and num_groups >= round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(num_groups, keep)
+
+
+@dataclass
+class BlockReport:
+    name: str
+    kind: str
+    layer: int
+    groups_before: int
+    groups_after: int
+    relative_residual: float
+    relative_residual_refit: float | None
+    iterations: int
+
+
+@dataclass
+class PruningReport:
+    """What a prune did: per-block widths and residuals, size and FLOPs before/after, wall time."""
+
+    blocks: list[BlockReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    layer_params_before: int = 0
+    layer_params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    calibration_batches: int = 0
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+    seconds_calibration: float = 0.0
+    seconds_selection: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = ["| block | kept | residual (rel.) | after re-fit |", "|---|---|---|---|"]
+        for b in self.blocks:
+            refit = "-" if b.relative_residual_refit is None else f"{b.relative_residual_refit:.4f}"
+            lines.append(f"| {b.name} | {b.groups_after}/{b.groups_before} | {b.relative_residual:.4f} | {refit} |")
+        return "\n".join(lines)
+
+
+class ISpaSPPruner:
+    """Structured pruning of a model with i-SpaSP (Wolfe & Kyrillidis, arXiv:2112.04905).
+
+    Blocks are pruned greedily in forward order: each block's statistics are computed on inputs produced by
+    the already-pruned earlier blocks, with the dense block's own output as the target, so later blocks
+    correct the error of earlier ones. The caller's model is never modified: :meth:`prune` works on a copy.
+
+    Args:
+        model: A supported model (see :func:`hf_ispasp.supported_model_types`).
+        config: Budgets and algorithm settings.
+        accelerator: Optional ``accelerate.Accelerator``; with several processes, each process calibrates on
+            its own shard and statistics are summed across processes before selection.
+    """
+
+    def __init__(self, model: nn.Module, config: PrunerConfig | None = None, accelerator: Any = None) -> None:
+        self.config = config or PrunerConfig()
+        if not isinstance(self.config, PrunerConfig):
+            raise TypeError(f"config must be a PrunerConfig, got {type(self.config).__name__}")
+        self.model = model
+        adapter_for(model)  # fail early on an unsupported architecture
+        self.accelerator = accelerator
+        self.report: PruningReport | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    def prune(self, calibration_data: Iterable[Any]) -> nn.Module:
+        """Prune a copy of the model on ``calibration_data`` and return it, physically compacted.
+
+        Args:
+            calibration_data: A DataLoader or iterable of dict batches (``input_ids``, ``attention_mask``, ...),
+                or a tokenized ``datasets.Dataset`` (batched with ``config.calibration_batch_size``). Labels are
+                ignored; padding tokens (``attention_mask == 0``) never enter the statistics.
+        """
+        _check_model(self.model)
+        start = time.perf_counter()
+        model = copy.deepcopy(self.model)
+        was_training = model.training
+        model.eval()
+        adapter = adapter_for(model)
+        device = _device(model)
+        report = PruningReport()
+        example = adapter.example_inputs()
+        report.params_before = count_parameters(model)
+        report.layer_params_before = count_parameters(list(adapter.layers()))
+        report.flops_before = count_flops(model, _to(example, device))
+        cache = ActivationCache(self.config.activation_cache)
+        try:
+            with torch.no_grad():
+                self._prune(model, adapter, calibration_data, cache, device, report)
+        finally:
+            cache.close()
+        report.params_after = count_parameters(model)
+        report.layer_params_after = count_parameters(list(adapter.layers()))
+        report.flops_after = count_flops(model, _to(example, device))
+        report.seconds = time.perf_counter() - start
+        _record_metadata(model, adapter, self.config)
+        model.train(was_training)
+        self.report = report
+        logger.info(
+            "i-SpaSP: parameters %d -> %d (%.1f%%), FLOPs %.3g -> %.3g in %.1fs",
+            report.params_before, report.params_after, 100 * report.params_after / max(report.params_before, 1),
+            report.flops_before, report.flops_after, report.seconds,
+        )
+        return model
+
+    def _prune(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        data: Iterable[Any],
+        cache: ActivationCache,
+        device: torch.device,
+        report: PruningReport,
+    ) -> None:
+        config = self.config
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        batches = calibration_batches(data, config.calibration_batch_size, config.max_calibration_samples, pad)
+        t0 = time.perf_counter()
+        report.calibration_tokens = capture_layer_inputs(model, adapter, batches, cache, device)
+        report.calibration_batches = len(cache)
+        layers = adapter.layers()
+        num_blocks = sum(len(adapter.blocks(i)) for i in range(len(layers)))
+        stats_dtype = getattr(torch, config.stats_dtype)
+        generator = torch.Generator().manual_seed(config.seed)
+        selection_seconds = 0.0
+        bar = tqdm(total=num_blocks, desc="i-SpaSP", unit="block", disable=not config.show_progress)
+        try:
+            for index in range(len(layers)):
+                layer = layers[index]
+                for block in adapter.blocks(index):
+                    stats = collect_block_statistics(layer, adapter, block, cache, device, stats_dtype)
+                    self._reduce(stats)
+                    t_sel = time.perf_counter()
+                    report.blocks.append(self._prune_block(adapter, block, stats, generator))
+                    selection_seconds += time.perf_counter() - t_sel
+                    bar.update(1)
+                    bar.set_postfix_str(block.name)
+                if index + 1 < len(layers):
+                    propagate(layer, adapter, cache, device)
+        finally:
+            bar.close()
+        report.seconds_selection = selection_seconds
+        report.seconds_calibration = time.perf_counter() - t0 - selection_seconds
+
+    def _reduce(self, stats: BlockStatistics) -> None:
+        """Sum statistics across processes (each calibrated on its shard) so every process selects alike."""
+        acc = self.accelerator
+        if acc is None or getattr(acc, "num_processes", 1) <= 1:
+            return
+        for tensor in stats.tensors():
+            reduced = acc.reduce(tensor.to(acc.device), reduction="sum")
+            tensor.copy_(reduced.to(tensor.device))
+
+    def _prune_block(
+        self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator
+    ) -> BlockReport:
+        config = self.config
+        ratio = config.keep_ratio(block.layer, block.kind)
+        keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1)
+        weight = adapter.output_weight(block)
+        bias = adapter.output_bias(block)
+        result = select_groups(
+            stats,
+            weight,
+            block.group_size,
+            keep,
+            selection=config.selection,
+            proxy=config.proxy,
+            threshold=config.threshold,
+            num_iterations=config.num_iterations,
+            weight_scores=adapter.weight_scores(block) if config.selection == "weight_magnitude" else None,
+            generator=generator,
+        )
+        refit_rel = None
+        fitted = None
+        if config.refit and keep < block.num_groups:
+            fitted = refit_projection(stats, weight, bias, result.groups, block.group_size, config.refit_damping)
+            after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
+            full = result.residual / result.relative_residual if result.relative_residual > 0 else 0.0
+            refit_rel = after / full if full > 0 else 0.0
+            if after > result.residual:  # ridge can, in degenerate cases, do worse than keeping W
+                fitted, refit_rel = None, result.relative_residual
+        if keep < block.num_groups:
+            adapter.compact(block, result.groups)
+            if fitted is not None:
+                adapter.set_output_projection(block, *fitted)
+        logger.debug("%s: kept %d/%d, relative residual %.4g", block.name, keep, block.num_groups,
+                     result.relative_residual)
+        return BlockReport(
+            block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
+            result.iterations,
+        )
+
+
+def _check_model(model: nn.Module) -> None:
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
+    if any(p.device.type == "meta" for p in params):
+        raise ValueError("the model has weights on the 'meta' device; load real weights before pruning")
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"the model has NaN/inf weights in {bad[:5]}; it cannot be calibrated")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def _record_metadata(model: nn.Module, adapter: ModelAdapter, config: PrunerConfig) -> None:
+    """Write the width record (and how it was obtained) into ``model.config`` so ``save_pretrained`` keeps it."""
+    record = {"version": __version__, "widths": adapter.widths(), "pruner_config": config.to_dict()}
+    target = getattr(model, "config", None)
+    if target is not None and hasattr(target, "to_dict"):
+        setattr(target, METADATA_KEY, record)
+    else:
+        model.ispasp_metadata = record
+
+
+

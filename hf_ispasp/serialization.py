@@ -1,0 +1,165 @@
+"""Compacted checkpoints: the width record travels in ``config.json``; loading rebuilds shapes, then loads strictly.
+
+transformers 5 has no ``prune_heads``/``config.pruned_heads``, so ``from_pretrained`` cannot rebuild a sliced
+model by itself. ``ISpaSPPruner`` writes ``config.ispasp = {"widths": ..., "pruner_config": ..., "version": ...}``,
+which the ordinary ``save_pretrained`` keeps; :func:`load_pruned` builds the dense skeleton from the config,
+applies the recorded widths through the architecture's adapter and then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import adapter_for
+from .pruner import METADATA_KEY
+
+__all__ = ["CheckpointMismatchError", "load_pruned", "register_loader", "save_pruned"]
+
+logger = logging.getLogger(__name__)
+
+# Loaders for checkpoint formats other than transformers (e.g. timm): (detect(path) -> bool, load(path) -> model).
+_LOADERS: list[tuple[Callable[[str], bool], Callable[..., nn.Module]]] = []
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights of a checkpoint do not match the widths recorded in its pruning metadata."""
+
+
+def register_loader(detect: Callable[[str], bool], load: Callable[..., nn.Module]) -> None:
+    """Teach :func:`load_pruned` another checkpoint format (used by the timm support)."""
+    _LOADERS.append((detect, load))
+
+
+def atomic_directory(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_dir)`` and move the result to ``path`` in one rename; ``path`` is intact on failure."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> None:
+    """Save a pruned model atomically (``save_pretrained`` for transformers models).
+
+    Args:
+        model: A model returned by :meth:`ISpaSPPruner.prune`.
+        path: Output folder; replaced only once the new checkpoint is completely written.
+        kwargs: Passed to ``save_pretrained``.
+    """
+    if hasattr(model, "save_pretrained"):
+        atomic_directory(path, lambda tmp: model.save_pretrained(tmp, **kwargs))
+        return
+    saver = getattr(model, "_hf_ispasp_save", None)
+    if saver is None:
+        raise TypeError(
+            f"cannot save a {type(model).__name__}: it is neither a transformers model nor a model with a "
+            "registered hf_ispasp checkpoint format"
+        )
+    atomic_directory(path, lambda tmp: saver(tmp))
+
+
+def _state_dict_files(path: str) -> list[str]:
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [cached_file(path, shard) for shard in shards]
+    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    if not single:
+        raise FileNotFoundError(f"no model.safetensors in {path}; save the pruned model with save_pretrained")
+    return [single]
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names the modules whose shapes disagree with the (pruned) skeleton."""
+    params = dict(model.state_dict(keep_vars=True))
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs recorded {tuple(params[key].shape)}"
+        for key, value in state.items()
+        if key in params and tuple(params[key].shape) != tuple(value.shape)
+    ]
+    unexpected = sorted(set(state) - set(params))
+    # Tied parameters (e.g. an MLM decoder sharing the embeddings) are stored once.
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(tensor), []).append(name)
+    missing = sorted(
+        key for key in set(params) - set(state) if not any(alias in state for alias in by_id[id(params[key])])
+    )
+    if mismatched or unexpected or missing:
+        modules = sorted({m.split(":")[0].rsplit(".", 1)[0] for m in mismatched})
+        raise CheckpointMismatchError(
+            f"the weights in {source} do not match the widths recorded in its pruning metadata "
+            f"(config.{METADATA_KEY}).\n"
+            + (f"Modules with mismatched shapes: {modules}\n  " + "\n  ".join(mismatched[:20]) + "\n" if mismatched else "")
+            + (f"Missing keys: {missing[:20]}\n" if missing else "")
+            + (f"Unexpected keys: {unexpected[:20]}\n" if unexpected else "")
+            + "Re-save the pruned model with save_pretrained (which writes both), or fix config.json's "
+            f"'{METADATA_KEY}' record."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written from a pruned model, with its compacted shapes.
+
+    Args:
+        path: Local folder or Hub id holding ``config.json`` (with the ``ispasp`` record) and safetensors weights.
+        torch_dtype: Cast the loaded model to this dtype (default: the dtype of the stored weights).
+        kwargs: Passed to ``AutoConfig.from_pretrained`` (e.g. ``revision``, ``token``).
+    """
+    path = os.fspath(path)
+    for detect, load in _LOADERS:
+        if detect(path):
+            return load(path, torch_dtype=torch_dtype)
+    import transformers
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    record = getattr(config, METADATA_KEY, None)
+    if not isinstance(record, dict) or "widths" not in record:
+        raise ValueError(
+            f"{path} has no '{METADATA_KEY}' pruning record in config.json, so it is not an hf_ispasp checkpoint; "
+            "load it with the usual from_pretrained"
+        )
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or not hasattr(transformers, architectures[0]):
+        raise ValueError(f"config.json of {path} names no known model class (architectures={architectures})")
+    with no_init_weights():
+        model = getattr(transformers, architectures[0])(config)
+    adapter_for(model).apply_widths(record["widths"])
+    state: dict[str, torch.Tensor] = {}
+    for file in _state_dict_files(path):
+        state.update(load_file(file))
+    dtype = torch_dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model.to(dtype)
+    load_state_dict_checked(model, state, path)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model

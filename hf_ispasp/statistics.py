@@ -1,0 +1,266 @@
+"""Streaming calibration: batching, the layer-input cache and the hooks that accumulate block statistics."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import ModelAdapter, PrunableBlock
+from .algorithm import BlockStatistics
+
+__all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics"]
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot be used (empty, malformed, or producing non-finite activations)."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the layer is not computed."""
+
+
+def _pad(rows: list[Any], value: int) -> torch.Tensor:
+    tensors = [torch.as_tensor(r) for r in rows]
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    length = max(t.shape[0] for t in tensors)
+    out = torch.full((len(tensors), length, *tensors[0].shape[1:]), value, dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def _dataset_batches(dataset: Any, batch_size: int, pad_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of a (tokenized) ``datasets.Dataset`` or a list of dict examples, padded on the right."""
+    columns = [c for c in _MODEL_INPUTS if c in getattr(dataset, "column_names", dataset[0].keys())]
+    if not columns:
+        names = getattr(dataset, "column_names", sorted(dataset[0].keys()))
+        raise CalibrationError(
+            f"the calibration dataset has no model input columns (found {names}); tokenize it first, e.g. "
+            "dataset.map(lambda x: tokenizer(x['text'], truncation=True), batched=True)"
+        )
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {}
+        for column in columns:
+            batch[column] = _pad([r[column] for r in rows], pad_token_id if column == "input_ids" else 0)
+        if "input_ids" in batch and "attention_mask" not in batch:
+            lengths = [len(r["input_ids"]) for r in rows]
+            batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+        yield batch
+
+
+def _truncate(batch: Any, keep: int) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: (v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch[:keep]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_truncate(b, keep) for b in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+            if isinstance(value, (list, tuple)):
+                return len(value)
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_size(batch[0])
+    return 1
+
+
+def calibration_batches(
+    data: Iterable[Any], batch_size: int, max_samples: int | None, pad_token_id: int = 0
+) -> Iterator[Any]:
+    """Batches from a DataLoader / iterable of batches, or from an indexable dataset of examples."""
+    if data is None:
+        raise CalibrationError("calibration data is None; pass a DataLoader, an iterable of batches or a Dataset")
+    is_dataset = hasattr(data, "column_names") or (
+        isinstance(data, (list, tuple)) and len(data) > 0 and isinstance(data[0], Mapping) and _is_example(data[0])
+    )
+    source = _dataset_batches(data, batch_size, pad_token_id) if is_dataset else iter(data)
+    seen = 0
+    for batch in source:
+        if max_samples is not None and seen >= max_samples:
+            break
+        size = _batch_size(batch)
+        if max_samples is not None and seen + size > max_samples:
+            batch = _truncate(batch, max_samples - seen)
+            size = max_samples - seen
+        seen += size
+        yield batch
+
+
+def _is_example(row: Mapping) -> bool:
+    """A single example (1-D token ids) rather than a batch (2-D)."""
+    ids = row.get("input_ids")
+    if ids is None:
+        return False
+    return torch.as_tensor(ids).dim() == 1
+
+
+class ActivationCache:
+    """Layer inputs of every calibration batch, on disk (flat memory) or in memory."""
+
+    def __init__(self, mode: str = "disk") -> None:
+        self.mode = mode
+        self._items: list[Any] = []
+        self._dir = tempfile.mkdtemp(prefix="hf_ispasp_cache_") if mode == "disk" else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self._items.append(None)
+        self[len(self._items) - 1] = entry
+
+    def __setitem__(self, index: int, entry: dict[str, Any]) -> None:
+        if self._dir is None:
+            self._items[index] = entry
+            return
+        path = os.path.join(self._dir, f"{index}.pt")
+        torch.save(_to_cpu(entry), path)
+        self._items[index] = path
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._items[index]
+        if self._dir is None:
+            return item
+        return torch.load(item, weights_only=False)  # our own temporary file
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._items = []
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def capture_layer_inputs(
+    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], cache: ActivationCache, device: torch.device
+) -> int:
+    """Run the model up to its first layer on every batch and cache that layer's inputs; returns tokens seen."""
+    first = adapter.layers()[0]
+    captured: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    tokens = 0
+    try:
+        for batch in batches:
+            args, kwargs, mask = adapter.prepare_batch(batch, device)
+            captured.clear()
+            try:
+                model(*args, **kwargs)
+            except _StopForward:
+                pass
+            if not captured:
+                raise CalibrationError(f"the model never reached its first prunable layer ({type(first).__name__})")
+            hidden = adapter.layer_hidden_states(captured["args"], captured["kwargs"])
+            if not torch.isfinite(hidden).all():
+                raise CalibrationError("the embeddings of a calibration batch are not finite (NaN/inf)")
+            tokens += int(mask.sum()) if mask is not None else math.prod(hidden.shape[:-1])
+            cache.append({"args": captured["args"], "kwargs": captured["kwargs"], "mask": mask})
+    finally:
+        handle.remove()
+    if len(cache) == 0:
+        raise CalibrationError(
+            "the calibration data is empty: pass at least one batch (e.g. a DataLoader over a few hundred examples)"
+        )
+    return tokens
+
+
+def collect_block_statistics(
+    layer: nn.Module,
+    adapter: ModelAdapter,
+    block: PrunableBlock,
+    cache: ActivationCache,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Any = None,
+) -> BlockStatistics:
+    """One pass of ``layer`` over the cached inputs, stopping at ``block.down``: accumulate ``n, sum H, H^T H``."""
+    down = adapter.current_down(block)
+    width = down.weight.shape[1] if isinstance(down, nn.Linear) else None
+    state: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        rows = adapter.hidden_rows(block, args[0], state["mask"])
+        if "stats" not in state:
+            state["stats"] = BlockStatistics(width or rows.shape[-1])
+        state["stats"].update(rows, dtype)
+        raise _StopForward
+
+    handle = down.register_forward_pre_hook(hook)
+    try:
+        for entry in cache:
+            state["mask"] = entry["mask"]
+            try:
+                layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device))
+            except _StopForward:
+                pass
+            if progress is not None:
+                progress.update(1)
+    finally:
+        handle.remove()
+    stats = state.get("stats")
+    if stats is None:
+        raise CalibrationError(f"{block.name}: the block was never executed on the calibration data")
+    if not stats.is_finite():
+        raise CalibrationError(
+            f"{block.name}: activations contain NaN/inf on the calibration data; check the inputs and the model "
+            "dtype (float16 on CPU overflows easily: load the model in float32 or bfloat16)"
+        )
+    return stats
+
+
+def propagate(layer: nn.Module, adapter: ModelAdapter, cache: ActivationCache, device: torch.device) -> None:
+    """Replace every cached input by the output of ``layer`` (already pruned): the next layer's inputs."""
+    for index in range(len(cache)):
+        entry = cache[index]
+        args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
+        hidden = adapter.layer_output(layer(*args, **kwargs))
+        if not torch.isfinite(hidden).all():
+            raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
+        entry["args"], entry["kwargs"] = adapter.replace_hidden_states(entry["args"], entry["kwargs"], hidden)
+        cache[index] = entry
