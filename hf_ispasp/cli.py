@@ -1,0 +1,156 @@
+"""Console entry point: ``hf-ispasp demo`` (the main job) and ``hf-ispasp prune`` (any supported checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from .config import PrunerConfig
+
+logger = logging.getLogger("hf_ispasp")
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    lines = ["| metric | dense | pruned | ratio |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune (cached) MiniLM-L6 on sentence polarity, prune, measure, save, reload, compare."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import ISpaSPPruner, load_pruned, save_pruned
+    from .assets import polarity_dataset
+    from .metrics import count_flops, count_parameters, latency_ratio
+    from .recipes import (
+        calibration_loader,
+        classification_metrics,
+        finetuned_minilm_polarity,
+        predict_logits,
+        tokenize_dataset,
+    )
+
+    torch.manual_seed(args.seed)
+    path = finetuned_minilm_polarity(seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    data = polarity_dataset()
+    train = tokenize_dataset(data["train"], tokenizer)
+    test = tokenize_dataset(data["test"], tokenizer)
+    calib = calibration_loader(train, tokenizer, num_samples=args.calibration_samples, seed=args.seed)
+
+    config = PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
+    pruner = ISpaSPPruner(dense, config)
+    pruned = pruner.prune(calib)
+    report = pruner.report
+
+    dense_logits = predict_logits(dense, test, tokenizer)
+    pruned_logits = predict_logits(pruned, test, tokenizer)
+    dense_m = classification_metrics(dense_logits, test["label"])
+    pruned_m = classification_metrics(pruned_logits, test["label"], dense_logits)
+
+    example1 = {"input_ids": torch.randint(1000, 20000, (1, 128)), "attention_mask": torch.ones(1, 128, dtype=torch.long)}
+    example32 = {"input_ids": torch.randint(1000, 20000, (32, 128)), "attention_mask": torch.ones(32, 128, dtype=torch.long)}
+    lat1 = latency_ratio(dense, pruned, example1, repeats=args.latency_repeats)
+    lat32 = latency_ratio(dense, pruned, example32, repeats=max(3, args.latency_repeats // 5))
+    flops_dense, flops_pruned = count_flops(dense, example1), count_flops(pruned, example1)
+
+    save_pruned(pruned, args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    reloaded = load_pruned(args.output_dir)
+    reload_logits = predict_logits(reloaded, test, tokenizer)
+    torch.testing.assert_close(reload_logits, pruned_logits)
+
+    enc_d, enc_p = report.layer_params_before, report.layer_params_after
+    rows = [
+        ("parameters (all)", f"{count_parameters(dense) / 1e6:.2f}M", f"{count_parameters(pruned) / 1e6:.2f}M",
+         f"{count_parameters(pruned) / count_parameters(dense):.3f}"),
+        ("parameters (encoder layers)", f"{enc_d / 1e6:.2f}M", f"{enc_p / 1e6:.2f}M", f"{enc_p / enc_d:.3f}"),
+        ("GFLOPs (1 x 128 tokens)", f"{flops_dense / 1e9:.2f}", f"{flops_pruned / 1e9:.2f}",
+         f"{flops_pruned / flops_dense:.3f}"),
+        ("CPU latency, batch 1 x 128", f"{lat1[0] * 1e3:.1f} ms", f"{lat1[1] * 1e3:.1f} ms", f"{lat1[2]:.2f}x faster"),
+        ("CPU latency, batch 32 x 128", f"{lat32[0] * 1e3:.0f} ms", f"{lat32[1] * 1e3:.0f} ms",
+         f"{lat32[2]:.2f}x faster"),
+        ("test accuracy (one-shot)", f"{100 * dense_m['accuracy']:.1f} ± {100 * dense_m['accuracy_stderr']:.1f}",
+         f"{100 * pruned_m['accuracy']:.1f} ± {100 * pruned_m['accuracy_stderr']:.1f}",
+         f"{100 * (pruned_m['accuracy'] - dense_m['accuracy']):+.1f} pts"),
+        ("agreement with dense / KL", "-", f"{100 * pruned_m['agreement']:.1f}% / {pruned_m['kl']:.4f}", "-"),
+        ("pruning wall time", "-", f"{report.seconds:.1f} s ({report.calibration_tokens} calib. tokens)", "-"),
+    ]
+    result = {
+        "config": config.to_dict(), "report": report.to_dict(), "dense": dense_m, "pruned": pruned_m,
+        "latency_b1": lat1, "latency_b32": lat32, "flops": [flops_dense, flops_pruned],
+        "output_dir": os.path.abspath(args.output_dir), "reload_identical": True,
+    }
+    print(f"\nMiniLM-L6 on sentence polarity ({len(test)} test sentences), i-SpaSP at FFN keep {args.ffn_keep}, "
+          f"heads keep {args.head_keep}, {args.calibration_samples} calibration sentences\n")
+    print(_table(rows))
+    print(f"\nSaved to {args.output_dir}; load_pruned() reproduces the pruned logits (torch.testing.assert_close).")
+    return result
+
+
+def run_prune(args: argparse.Namespace) -> dict[str, Any]:
+    """Prune any supported checkpoint on a tokenized text file or dataset and save it."""
+    import datasets
+    from transformers import AutoModel, AutoTokenizer
+
+    from . import ISpaSPPruner, save_pruned
+    from .recipes import calibration_loader, tokenize_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(args.model)
+    if os.path.exists(args.data):
+        ext = os.path.splitext(args.data)[1].lstrip(".")
+        raw = datasets.load_dataset({"txt": "text", "jsonl": "json"}.get(ext, ext), data_files=args.data, split="train")
+    else:
+        raw = datasets.load_dataset(args.data, split=args.split)
+    tokenized = tokenize_dataset(raw, tokenizer, text_column=args.text_column)
+    config = PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
+    pruner = ISpaSPPruner(model, config)
+    pruned = pruner.prune(calibration_loader(tokenized, tokenizer, num_samples=args.calibration_samples))
+    save_pruned(pruned, args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(pruner.report.to_markdown())
+    print(f"parameters {pruner.report.params_before} -> {pruner.report.params_after}; saved to {args.output_dir}")
+    return pruner.report.to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-ispasp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="fine-tune (cached), prune and evaluate MiniLM-L6 on sentence polarity")
+    prune = sub.add_parser("prune", help="prune a checkpoint on calibration text and save it")
+    for p in (demo, prune):
+        p.add_argument("--ffn-keep", type=float, default=0.5)
+        p.add_argument("--head-keep", type=float, default=0.75)
+        p.add_argument("--calibration-samples", type=int, default=512)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", help="also write the results to this JSON file")
+    demo.add_argument("--output-dir", default=os.path.join("outputs", "minilm-polarity-pruned"))
+    demo.add_argument("--latency-repeats", type=int, default=20)
+    prune.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    prune.add_argument("--data", required=True, help="a datasets name, or a local .csv/.json/.txt file")
+    prune.add_argument("--split", default="train")
+    prune.add_argument("--text-column", default="text")
+    prune.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    result = run_demo(args) if args.command == "demo" else run_prune(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, default=str)
+    logger.info("done in %.0fs", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
