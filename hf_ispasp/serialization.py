@@ -23,11 +23,20 @@ from torch import nn
 from .adapters import adapter_for
 from .pruner import METADATA_KEY
 
-__all__ = ["CheckpointMismatchError", "load_pruned", "register_loader", "save_pruned"]
+__all__ = [
+    "CheckpointMismatchError",
+    "atomic_directory",
+    "load_pruned",
+    "load_state_dict_checked",
+    "register_format",
+    "save_pruned",
+]
 
 logger = logging.getLogger(__name__)
 
-# Loaders for checkpoint formats other than transformers (e.g. timm): (detect(path) -> bool, load(path) -> model).
+# Checkpoint formats other than transformers (e.g. timm) register a saver and a loader:
+# (matches(model) -> bool, save(model, folder)) and (detect(folder) -> bool, load(folder, torch_dtype=None) -> model).
+_SAVERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str], None]]] = []
 _LOADERS: list[tuple[Callable[[str], bool], Callable[..., nn.Module]]] = []
 
 
@@ -35,8 +44,14 @@ class CheckpointMismatchError(ValueError):
     """The weights of a checkpoint do not match the widths recorded in its pruning metadata."""
 
 
-def register_loader(detect: Callable[[str], bool], load: Callable[..., nn.Module]) -> None:
-    """Teach :func:`load_pruned` another checkpoint format (used by the timm support)."""
+def register_format(
+    matches: Callable[[nn.Module], bool],
+    save: Callable[[nn.Module, str], None],
+    detect: Callable[[str], bool],
+    load: Callable[..., nn.Module],
+) -> None:
+    """Teach :func:`save_pruned` / :func:`load_pruned` another checkpoint format (used by the timm support)."""
+    _SAVERS.append((matches, save))
     _LOADERS.append((detect, load))
 
 
@@ -68,16 +83,16 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> Non
         path: Output folder; replaced only once the new checkpoint is completely written.
         kwargs: Passed to ``save_pretrained``.
     """
-    if hasattr(model, "save_pretrained"):
-        atomic_directory(path, lambda tmp: model.save_pretrained(tmp, **kwargs))
-        return
-    saver = getattr(model, "_hf_ispasp_save", None)
-    if saver is None:
+    for matches, save in _SAVERS:
+        if matches(model):
+            atomic_directory(path, lambda tmp: save(model, tmp))
+            return
+    if not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"cannot save a {type(model).__name__}: it is neither a transformers model nor a model with a "
-            "registered hf_ispasp checkpoint format"
+            "registered hf_ispasp checkpoint format (see hf_ispasp.serialization.register_format)"
         )
-    atomic_directory(path, lambda tmp: saver(tmp))
+    atomic_directory(path, lambda tmp: model.save_pretrained(tmp, **kwargs))
 
 
 def _state_dict_files(path: str) -> list[str]:
