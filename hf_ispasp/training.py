@@ -1,0 +1,394 @@
+"""Recovering accuracy after pruning: a distillation ``Trainer``, an iterative prune/fine-tune schedule, a model card.
+
+The student is the compacted model itself (an ordinary ``PreTrainedModel`` with smaller modules), so the
+``Trainer``'s evaluation, ``compute_metrics``, checkpointing and resume work unchanged: a checkpoint holds the
+compacted weights and a ``config.json`` with the width record, and resuming loads that state dict into the
+already-compacted model. To resume in a fresh process, rebuild the student with
+``hf_ispasp.load_pruned(checkpoint_dir)`` (``from_pretrained`` would build the dense shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .adapters import adapter_for
+from .config import PrunerConfig
+from .pruner import METADATA_KEY, ISpaSPPruner, PruningReport, kept_count
+
+__all__ = [
+    "DistillationArguments",
+    "DistillationTrainer",
+    "distillation_loss",
+    "hidden_state_loss",
+    "iterative_prune",
+    "pruning_model_card",
+    "schedule_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillationArguments:
+    """How the student learns from the dense teacher; parseable with ``HfArgumentParser``.
+
+    The training loss is ``(1 - distill_weight) * task + distill_weight * T^2 * KL(teacher_T || student_T)
+    + hidden_weight * hidden``, where ``hidden`` is the relative squared error between the student's and the
+    teacher's hidden states (every layer; pruning keeps the hidden size, so they compare directly).
+
+    Args:
+        distill_weight: Weight of the logit KL term; 0 trains on the task loss only.
+        temperature: Softmax temperature of the KL term (the term is scaled by ``T^2`` so its gradients keep
+            their size when ``T`` changes, as in Hinton et al.).
+        hidden_weight: Weight of the hidden-state matching term; 0 disables it.
+    """
+
+    distill_weight: float = field(default=0.5, metadata={"help": "Weight of the logit distillation term (0-1)."})
+    temperature: float = field(default=2.0, metadata={"help": "Distillation softmax temperature."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of hidden-state matching (0: off)."})
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.distill_weight <= 1.0):
+            raise ValueError(f"distill_weight={self.distill_weight!r} must be in [0, 1] (0: task loss only).")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a positive number (e.g. 2.0).")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise ValueError(f"hidden_weight={self.hidden_weight!r} must be >= 0 (0 disables hidden matching).")
+
+    @property
+    def active(self) -> bool:
+        return self.distill_weight > 0 or self.hidden_weight > 0
+
+
+def _token_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(positions x features): per-token tensors keep real tokens only; per-sequence tensors pass through."""
+    if mask is not None and tensor.dim() == 3 and tensor.shape[:2] == mask.shape:
+        return tensor[mask.bool()]
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over sequences (or real tokens).
+
+    Args:
+        student_logits: ``(batch, classes)`` or ``(batch, seq, vocab)``.
+        teacher_logits: Same shape as ``student_logits``.
+        temperature: Softmax temperature.
+        attention_mask: Drops padding positions of per-token logits.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    student = _token_rows(student_logits, attention_mask).float() / temperature
+    teacher = _token_rows(teacher_logits, attention_mask).float() / temperature
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def hidden_state_loss(
+    student_hidden: Iterable[torch.Tensor], teacher_hidden: Iterable[torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over layers of ``||S - T||^2 / ||T||^2`` on real tokens (scale-free across layers and models).
+
+    Args:
+        student_hidden: The student's ``hidden_states`` (embeddings, then one per layer).
+        teacher_hidden: The teacher's, with as many entries and the same hidden size.
+        attention_mask: Drops padding positions.
+    """
+    student_hidden, teacher_hidden = list(student_hidden), list(teacher_hidden)
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"the student returns {len(student_hidden)} hidden states and the teacher {len(teacher_hidden)}; "
+            "hidden-state matching needs the same number of layers"
+        )
+    terms = []
+    for s, t in zip(student_hidden, teacher_hidden, strict=True):
+        s, t = _token_rows(s, attention_mask).float(), _token_rows(t, attention_mask).float()
+        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` that mixes the task loss with distillation from a (dense) teacher.
+
+    Evaluation reports the plain task loss (``eval_loss`` stays comparable with and without distillation);
+    ``compute_metrics``, checkpoints and ``resume_from_checkpoint`` are the ``Trainer``'s own. The teacher is
+    frozen, kept in eval mode on the training device, never wrapped for distribution and never saved. With
+    ``distill_weight == hidden_weight == 0`` (or no teacher) this is exactly ``Trainer``.
+
+    Args:
+        model: The (pruned) student.
+        args: The usual ``TrainingArguments``.
+        teacher_model: The dense model; ``None`` trains on the task loss only.
+        distillation: Loss weights and temperature.
+        kwargs: Passed to ``Trainer`` (datasets, collator, ``compute_metrics``, callbacks, ...).
+    """
+
+    def __init__(
+        self, model: nn.Module | None = None, args: TrainingArguments | None = None,
+        teacher_model: nn.Module | None = None, distillation: DistillationArguments | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(model=model, args=args, **kwargs)
+        self.distillation = distillation or DistillationArguments()
+        self.teacher = teacher_model
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
+            self.teacher.to(self.args.device)
+        if self.distilling:
+            # Our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps.
+            self.loss_is_scaled_for_ga = False
+        self._parts: dict[str, list[float]] = {}
+
+    @property
+    def distilling(self) -> bool:
+        return self.teacher is not None and self.distillation.active
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not (self.distilling and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        config = self.distillation
+        want_hidden = config.hidden_weight > 0
+        model_inputs = {**inputs, "output_hidden_states": True} if want_hidden else inputs
+        has_labels = inputs.get("labels") is not None
+        if has_labels:
+            task, outputs = super().compute_loss(model, model_inputs, return_outputs=True)
+        else:
+            task, outputs = None, model(**model_inputs)
+        teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label")}
+        if want_hidden:
+            teacher_inputs["output_hidden_states"] = True
+        with torch.no_grad():
+            teacher_out = self.teacher(**teacher_inputs)
+        mask = inputs.get("attention_mask")
+        loss = torch.zeros((), device=outputs["logits"].device)
+        if task is not None:
+            loss = loss + (1.0 - config.distill_weight) * task
+            self._parts.setdefault("loss_task", []).append(float(task.detach()))
+        if config.distill_weight > 0:
+            kd = distillation_loss(outputs["logits"], teacher_out["logits"], config.temperature, mask)
+            loss = loss + config.distill_weight * kd
+            self._parts.setdefault("loss_kd", []).append(float(kd.detach()))
+        if want_hidden:
+            hidden = hidden_state_loss(outputs["hidden_states"], teacher_out["hidden_states"], mask)
+            loss = loss + config.hidden_weight * hidden
+            self._parts.setdefault("loss_hidden", []).append(float(hidden.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the running means of the loss components (this process's) to the training logs."""
+        if "loss" in logs and self._parts:
+            logs.update({k: round(sum(v) / len(v), 4) for k, v in self._parts.items() if v})
+            self._parts = {}
+        super().log(logs, start_time)
+
+
+# Iterative schedule ---------------------------------------------------------------------------------------
+
+
+def _block_counts(model: nn.Module) -> dict[tuple[int, str], int]:
+    """Current group count per (layer, kind); one width per kind and layer is what per-layer ratios can express."""
+    adapter = adapter_for(model)
+    counts: dict[tuple[int, str], int] = {}
+    for block in adapter.iter_blocks():
+        key = (block.layer, block.kind)
+        if counts.setdefault(key, block.num_groups) != block.num_groups:
+            raise ValueError(f"layer {block.layer} has several '{block.kind}' blocks of different widths; the "
+                             "iterative schedule needs one width per kind and layer")
+    return counts
+
+
+def schedule_overrides(
+    original: dict[tuple[int, str], int], current: dict[tuple[int, str], int], config: PrunerConfig,
+    fraction: float,
+) -> dict[int, dict[str, float]]:
+    """Per-layer keep ratios, relative to the *current* widths, that reach a fraction of the way to the budget.
+
+    ``fraction`` in (0, 1]: the target keep ratio (relative to the original widths) goes linearly from 1 to
+    ``config``'s ratio; ``fraction == 1`` gives exactly the widths of a one-shot prune of the original model.
+
+    Args:
+        original: Group counts of the dense model per (layer, kind).
+        current: Group counts of the model about to be pruned.
+        config: The final budget (ratios relative to the original model, overrides included).
+        fraction: How far along the schedule this step is.
+    """
+    overrides: dict[int, dict[str, float]] = {}
+    for (layer, kind), groups in original.items():
+        final = config.keep_ratio(layer, kind)
+        ratio = 1.0 - (1.0 - final) * fraction
+        target = kept_count(groups, ratio, config.round_to if kind == "ffn" else 1)
+        now = current[(layer, kind)]
+        if target > now:
+            raise ValueError(f"layer {layer} {kind}: the model already has {now} groups, fewer than the target "
+                             f"{target}; start the schedule from the dense model")
+        key = "ffn_keep_ratio" if kind == "ffn" else "head_keep_ratio"
+        # kept_count(now, target / now) == round(target): the ratio relative to the current width is exact.
+        overrides.setdefault(layer, {})[key] = target / now
+    return overrides
+
+
+def iterative_prune(
+    model: nn.Module,
+    config: PrunerConfig,
+    calibration_data: Iterable[Any],
+    args: TrainingArguments,
+    num_steps: int = 3,
+    train_dataset: Any = None,
+    teacher_model: nn.Module | None = None,
+    distillation: DistillationArguments | None = None,
+    accelerator: Any = None,
+    finetune_after_last: bool = False,
+    **trainer_kwargs: Any,
+) -> tuple[nn.Module, list[PruningReport]]:
+    """Prune toward ``config``'s budget in ``num_steps`` prunes with a short fine-tune between them.
+
+    Keep ratios in ``PrunerConfig`` are relative to the current widths, so each step gets per-layer ratios that
+    compound to the final budget relative to the *original* model: the final widths equal those of a one-shot
+    prune with ``config``. Each prune calibrates on the fine-tuned model of the previous step.
+
+    Args:
+        model: The dense model (not modified).
+        config: The final budget and algorithm settings.
+        calibration_data: Re-iterable calibration batches (a DataLoader, a list or a Dataset; this process's
+            shard under ``accelerate launch``, see :func:`hf_ispasp.distributed.shard_calibration_data`).
+        args: ``TrainingArguments`` of each intermediate fine-tune (keep it short, e.g. ``max_steps``); step ``k``
+            writes to ``{args.output_dir}/iterative-step-{k}``.
+        num_steps: Number of prunes (1 is a one-shot prune).
+        train_dataset: Data of the intermediate fine-tunes.
+        teacher_model: Distillation teacher (default: ``model`` itself when ``distillation`` is active).
+        distillation: Loss settings of the fine-tunes (default: task loss only).
+        accelerator: Passed to ``ISpaSPPruner`` for the reduction of statistics across processes.
+        finetune_after_last: Fine-tune after the last prune as well.
+        trainer_kwargs: Passed to :class:`DistillationTrainer` (collator, ``compute_metrics``, ...).
+
+    Returns:
+        The pruned (and fine-tuned) model and one ``PruningReport`` per step.
+    """
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
+    if isinstance(calibration_data, Iterator) and num_steps > 1:
+        raise ValueError("calibration_data is a one-shot iterator; pass a DataLoader, list or Dataset so every "
+                         "step can read it again")
+    if num_steps > 1 and train_dataset is None:
+        raise ValueError("an iterative schedule fine-tunes between steps: pass train_dataset")
+    distillation = distillation or DistillationArguments(distill_weight=0.0)
+    if teacher_model is None and distillation.active:
+        teacher_model = model
+    original = _block_counts(model)
+    current_model, reports = model, []
+    for step in range(1, num_steps + 1):
+        overrides = schedule_overrides(original, _block_counts(current_model), config, step / num_steps)
+        step_config = dataclasses.replace(config, ffn_keep_ratio=1.0, head_keep_ratio=1.0, layer_overrides=overrides)
+        pruner = ISpaSPPruner(current_model, step_config, accelerator=accelerator)
+        current_model = pruner.prune(calibration_data)
+        reports.append(pruner.report)
+        logger.info("iterative step %d/%d: %d parameters", step, num_steps, pruner.report.params_after)
+        if step < num_steps or finetune_after_last:
+            step_args = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"iterative-step-{step}"))
+            trainer = DistillationTrainer(
+                model=current_model, args=step_args, train_dataset=train_dataset, teacher_model=teacher_model,
+                distillation=distillation, **trainer_kwargs,
+            )
+            trainer.train()
+            current_model = trainer.model
+    record = getattr(getattr(current_model, "config", None), METADATA_KEY, None)
+    if isinstance(record, dict):  # describe the whole schedule, not the last step's relative ratios
+        record["pruner_config"] = config.to_dict()
+        record["schedule"] = {"num_steps": num_steps, "finetune_after_last": finetune_after_last}
+    return current_model, reports
+
+
+# Model card -----------------------------------------------------------------------------------------------
+
+CITATION = """@article{wolfe2021ispasp,
+  title   = {i-SpaSP: Structured Neural Pruning via Sparse Signal Recovery},
+  author  = {Wolfe, Cameron R. and Kyrillidis, Anastasios},
+  journal = {arXiv preprint arXiv:2112.04905},
+  year    = {2021}
+}"""
+
+
+def pruning_model_card(
+    model: nn.Module, base_model: str, report: PruningReport | None = None, metrics: dict[str, Any] | None = None,
+    dataset: str | None = None, extra: str = "",
+) -> str:
+    """A README.md for a pruned checkpoint: widths, budget, size, metrics, how to load it, citation.
+
+    Args:
+        model: The pruned model (its ``config.ispasp`` record is read).
+        base_model: Id or path of the dense model it came from.
+        report: The pruning report (parameters and FLOPs before / after).
+        metrics: Evaluation results to list, e.g. ``{"dense": {...}, "pruned": {...}}``.
+        dataset: Dataset it was calibrated / fine-tuned on.
+        extra: Free text appended before the citation.
+    """
+    record = getattr(getattr(model, "config", None), METADATA_KEY, None) or getattr(model, "ispasp_metadata", {})
+    budget = record.get("pruner_config", {})
+    lines = ["---", "library_name: transformers", "tags:", "- pruning", "- i-spasp", "- hf-ispasp"]
+    if not os.path.isdir(base_model):
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {os.path.basename(base_model.rstrip('/'))} pruned with i-SpaSP", ""]
+    lines.append(f"Structured pruning of `{base_model}` with i-SpaSP (Wolfe & Kyrillidis, arXiv:2112.04905) "
+                 f"using [hf_ispasp]{' on ' + dataset if dataset else ''}.")
+    lines += ["", "## Budget", "", f"- FFN keep ratio: {budget.get('ffn_keep_ratio')}",
+              f"- attention-head keep ratio: {budget.get('head_keep_ratio')}"]
+    if budget.get("layer_overrides"):
+        lines.append(f"- per-layer overrides: `{budget['layer_overrides']}`")
+    if "schedule" in record:
+        lines.append(f"- iterative schedule: {record['schedule']}")
+    if report is not None:
+        lines += [f"- parameters: {report.params_before:,} -> {report.params_after:,} "
+                  f"({100 * report.params_after / max(report.params_before, 1):.1f}%)",
+                  f"- FLOPs (one 128-token sequence): {report.flops_before:.3g} -> {report.flops_after:.3g}"]
+    widths = record.get("widths")
+    if widths:
+        lines += ["", "## Widths per layer", "", "```json", _compact_json(widths), "```"]
+    if metrics:
+        lines += ["", "## Evaluation", "", "| model | " + " | ".join(_metric_names(metrics)) + " |",
+                  "|---" * (1 + len(_metric_names(metrics))) + "|"]
+        for name, values in metrics.items():
+            row = [_fmt(values.get(k)) for k in _metric_names(metrics)]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines += ["", "## Loading", "", "The checkpoint has compacted shapes; load it with hf_ispasp, which rebuilds them:",
+              "", "```python", "from hf_ispasp import load_pruned", "", 'model = load_pruned("path/or/hub-id")',
+              "```"]
+    if extra:
+        lines += ["", extra]
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def _metric_names(metrics: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for values in metrics.values():
+        names += [k for k in values if k not in names]
+    return names
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _compact_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=1, sort_keys=True)

@@ -1,0 +1,231 @@
+"""DistillationTrainer, the iterative schedule and the model card, on a tiny random BERT with max_steps of a few."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
+from hf_ispasp.training import (
+    DistillationArguments,
+    DistillationTrainer,
+    distillation_loss,
+    hidden_state_loss,
+    iterative_prune,
+    pruning_model_card,
+    schedule_overrides,
+)
+
+VOCAB, LENGTH = 97, 12
+
+
+def _model(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic losses
+    return BertForSequenceClassification(config).eval()
+
+
+def _dataset(n: int = 48, seed: int = 0):
+    """Fixed-length rows with right padding; the label is learnable (is the first token in the upper half?)."""
+    import datasets
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen)
+    lengths = torch.randint(4, LENGTH + 1, (n,), generator=gen)
+    mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = (ids[:, 0] > VOCAB // 2).long()
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+                                       "labels": labels.tolist()})
+
+
+def _args(tmp_path, **kwargs):
+    from transformers import TrainingArguments
+
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, per_device_eval_batch_size=16,
+                    learning_rate=1e-3, max_steps=4, save_strategy="no", report_to=[], logging_steps=1, use_cpu=True,
+                    disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def _calibration():
+    data = _dataset(32, seed=1).remove_columns(["labels"])
+    return [{k: torch.tensor(data[i : i + 8][k]) for k in data.column_names} for i in range(0, len(data), 8)]
+
+
+def _pruned(config: PrunerConfig | None = None):
+    config = config or PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.5, show_progress=False,
+                                    activation_cache="memory")
+    return ISpaSPPruner(_model(), config).prune(_calibration())
+
+
+def _batch(dataset):
+    from transformers import default_data_collator
+
+    return default_data_collator([dataset[i] for i in range(8)])
+
+
+def _accuracy(eval_pred):
+    logits, labels = eval_pred
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def test_losses_are_kl_and_relative_error():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    expected = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(s, t, temperature=1.0), expected)
+    assert float(distillation_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    # Padding positions of per-token logits do not count.
+    mask = torch.tensor([[1, 1, 0]])
+    a, b = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+    b2 = b.clone()
+    b2[0, 2] += 10
+    torch.testing.assert_close(distillation_loss(a, b, 2.0, mask), distillation_loss(a, b2, 2.0, mask))
+    h = [torch.ones(2, 3, 4)]
+    assert float(hidden_state_loss([2 * h[0]], h)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same number of layers"):
+        hidden_state_loss(h + h, h)
+    with pytest.raises(ValueError, match="distill_weight"):
+        DistillationArguments(distill_weight=1.5)
+
+
+def test_zero_weight_is_the_task_loss_and_identical_teacher_adds_nothing(tmp_path):
+    data = _dataset()
+    student = _pruned().train()
+    batch = _batch(data)
+    task = student(**batch).loss
+    zero = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=_model(),
+                               distillation=DistillationArguments(distill_weight=0.0))
+    assert not zero.distilling
+    torch.testing.assert_close(zero.compute_loss(student, dict(batch)), task)
+    # A teacher identical to the student: KL and hidden terms are zero, the loss is (1 - w) * task.
+    twin = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=copy.deepcopy(student),
+                               distillation=DistillationArguments(distill_weight=0.3, hidden_weight=1.0))
+    torch.testing.assert_close(twin.compute_loss(student, dict(batch)), 0.7 * task, atol=1e-6, rtol=1e-5)
+    # A dense teacher: the loss differs from the task loss.
+    dense = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=_model(),
+                                distillation=DistillationArguments(distill_weight=0.5))
+    assert abs(float(dense.compute_loss(student, dict(batch)).detach()) - float(task.detach())) > 1e-4
+
+
+def test_distillation_loss_decreases(tmp_path):
+    data = _dataset()
+    teacher = _model(seed=1)  # another network with confident predictions: something to distil
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(100.0)
+    student = _pruned()
+    batch = _batch(data)
+    config = DistillationArguments(distill_weight=1.0, temperature=2.0, hidden_weight=0.5)
+
+    def kd() -> float:
+        with torch.no_grad():
+            s, t = student.eval()(**batch), teacher(**batch)
+        return float(distillation_loss(s.logits, t.logits, 2.0))
+
+    before = kd()
+    assert before > 0.01
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, max_steps=8), train_dataset=data,
+                                  teacher_model=teacher, distillation=config)
+    trainer.train()
+    after = kd()
+    assert after < before
+    logged = [h for h in trainer.state.log_history if "loss_kd" in h]
+    assert logged and "loss_hidden" in logged[0] and "loss_task" in logged[0]
+    assert logged[-1]["loss_kd"] < logged[0]["loss_kd"]
+
+
+def test_resume_from_checkpoint_of_a_compacted_model(tmp_path):
+    data, evaluation = _dataset(), _dataset(16, seed=3)
+    config = DistillationArguments(distill_weight=0.5)
+    kwargs = dict(max_steps=6, save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3)
+    full = DistillationTrainer(model=_pruned(), args=_args(tmp_path / "a", **kwargs), train_dataset=data,
+                               eval_dataset=evaluation, teacher_model=_model(), distillation=config,
+                               compute_metrics=_accuracy)
+    full.train()
+    assert any("eval_accuracy" in h for h in full.state.log_history)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists()
+    # A fresh process rebuilds the compacted student from the checkpoint itself, then resumes.
+    student = load_pruned(checkpoint)
+    assert student.bert.encoder.layer[0].intermediate.dense.out_features < 37
+    resumed = DistillationTrainer(model=student, args=_args(tmp_path / "a", **kwargs), train_dataset=data,
+                                  eval_dataset=evaluation, teacher_model=_model(), distillation=config,
+                                  compute_metrics=_accuracy)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    # Resuming into the already-compacted in-memory model (Trainer._load_from_checkpoint) works too.
+    again = DistillationTrainer(model=_pruned(), args=_args(tmp_path / "a", **kwargs), train_dataset=data,
+                                eval_dataset=evaluation, teacher_model=_model(), distillation=config)
+    again.train(resume_from_checkpoint=str(checkpoint))
+    torch.testing.assert_close(again.model.classifier.weight, full.model.classifier.weight)
+
+
+def test_schedule_ratios_compound_to_the_final_budget():
+    config = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.5, round_to=4, layer_overrides={1: {"ffn_keep_ratio": 0.6}})
+    original = {(0, "ffn"): 37, (0, "heads"): 12, (1, "ffn"): 37, (1, "heads"): 12}
+    current = dict(original)
+    from hf_ispasp.pruner import kept_count
+
+    for step in (1, 2, 3):
+        overrides = schedule_overrides(original, current, config, step / 3)
+        for (layer, kind), now in current.items():
+            key = "ffn_keep_ratio" if kind == "ffn" else "head_keep_ratio"
+            current[(layer, kind)] = kept_count(now, overrides[layer][key], 4 if kind == "ffn" else 1)
+    assert current == {(0, "ffn"): kept_count(37, 0.3, 4), (0, "heads"): 6, (1, "ffn"): kept_count(37, 0.6, 4),
+                       (1, "heads"): 6}
+
+
+def test_iterative_schedule_reaches_the_one_shot_widths(tmp_path):
+    config = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.5, show_progress=False, activation_cache="memory")
+    dense = _model()
+    one_shot = ISpaSPPruner(dense, config).prune(_calibration())
+    pruned, reports = iterative_prune(
+        dense, config, _calibration(), _args(tmp_path, max_steps=2), num_steps=3, train_dataset=_dataset(),
+        distillation=DistillationArguments(distill_weight=0.5),
+    )
+    assert len(reports) == 3
+    widths = [[b.groups_after for b in r.blocks] for r in reports]
+    assert widths[0] > widths[1] > widths[2]  # every step prunes further
+    assert pruned.config.ispasp["widths"] == one_shot.config.ispasp["widths"]
+    assert pruned.config.ispasp["pruner_config"]["ffn_keep_ratio"] == 0.3
+    assert dense.bert.encoder.layer[0].intermediate.dense.out_features == 37  # the input model is untouched
+    # The fine-tunes between steps changed the weights that later steps calibrate on.
+    assert not torch.equal(pruned.classifier.weight, one_shot.classifier.weight)
+    with pytest.raises(ValueError, match="iterator"):
+        iterative_prune(dense, config, iter(_calibration()), _args(tmp_path), num_steps=2, train_dataset=_dataset())
+
+
+def test_model_card_describes_the_pruning():
+    config = PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.5, show_progress=False, activation_cache="memory")
+    pruner = ISpaSPPruner(_model(), config)
+    model = pruner.prune(_calibration())
+    card = pruning_model_card(model, "org/tiny-bert", pruner.report, {"pruned": {"accuracy": 0.5}}, dataset="toy")
+    assert "base_model: org/tiny-bert" in card and "arXiv:2112.04905" in card and "wolfe2021ispasp" in card
+    assert '"ffn": [' in card and "FFN keep ratio: 0.5" in card and "| pruned | 0.5000 |" in card
+    assert f"{pruner.report.params_after:,}" in card
+
+
+def test_iterative_distillation_defaults_to_the_dense_teacher(tmp_path, monkeypatch):
+    seen = []
+    original = DistillationTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("teacher_model"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "__init__", spy)
+    dense = _model()
+    config = dataclasses.replace(PrunerConfig(show_progress=False, activation_cache="memory"))
+    iterative_prune(dense, config, _calibration(), _args(tmp_path, max_steps=1), num_steps=2,
+                    train_dataset=_dataset(), distillation=DistillationArguments(distill_weight=0.5))
+    assert seen == [dense]
