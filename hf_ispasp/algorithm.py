@@ -175,7 +175,7 @@ def select_groups(
         proxy: ``sum`` (signed sum over samples, as the reference code) or ``l2`` over samples.
         threshold: ``sum``, ``l2``, ``output`` (static scores) or ``residual`` (exact residual elimination).
         num_iterations: Maximum iterations; stops when the support repeats.
-        weight_scores: Per-group weight magnitude, required by ``weight_magnitude``.
+        weight_scores: Per-group scores, required by ``weight_magnitude`` and ``taylor``.
         generator: Random generator for ``random``.
     """
     if stats.width % group_size:
@@ -190,9 +190,9 @@ def select_groups(
         support = torch.arange(n)
     elif selection == "random":
         support = torch.randperm(n, generator=generator)[:keep]
-    elif selection == "weight_magnitude":
+    elif selection in ("weight_magnitude", "taylor"):
         if weight_scores is None:
-            raise ValueError("weight_magnitude selection needs weight_scores")
+            raise ValueError(f"{selection} selection needs weight_scores (precomputed per-group scores)")
         support = _topk_groups(weight_scores.to(torch.float64).cpu(), keep)
     elif selection == "activation":
         support = _topk_groups(problem.static_score("l2"), keep)

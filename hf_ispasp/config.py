@@ -12,7 +12,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SELECTIONS = ("ispasp", "random", "weight_magnitude", "activation", "output_energy")
+SELECTIONS = ("ispasp", "random", "weight_magnitude", "activation", "output_energy", "taylor")
 PROXIES = ("sum", "l2")
 THRESHOLDS = ("sum", "l2", "output", "residual")
 CACHES = ("disk", "memory")
@@ -46,7 +46,8 @@ class PrunerConfig:
         ffn_keep_ratio: Fraction of FFN neurons (CNN inner channels) kept in every layer.
         head_keep_ratio: Fraction of attention heads kept in every layer.
         num_iterations: Maximum i-SpaSP iterations per block; stops early once the support is stable.
-        selection: Selection rule. `ispasp` is the algorithm; the others are baselines sharing the engine.
+        selection: Selection rule. `ispasp` is the algorithm; the others are baselines sharing the engine
+            (`taylor` needs labels in the calibration batches and one backward pass of the dense model).
         proxy: How the residual gradient is aggregated per group: `sum` (paper) or `l2` over samples.
         threshold: Score used to cut the merged support back to `s` groups: `sum` of activations (paper),
             `l2` norm of activations, `output` energy of the group's contribution to the block output, or

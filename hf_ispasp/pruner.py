@@ -19,6 +19,7 @@ from . import __version__
 from .adapters import ModelAdapter, PrunableBlock, adapter_for
 from .algorithm import BlockStatistics, refit_projection, residual_after_refit, select_groups
 from .config import PrunerConfig
+from .importance import taylor_scores
 from .metrics import count_flops, count_parameters
 from .statistics import (
     ActivationCache,
@@ -54,6 +55,7 @@ class BlockReport:
     relative_residual: float
     relative_residual_refit: float | None
     iterations: int
+    kept: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +166,10 @@ class ISpaSPPruner:
         pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
         batches = calibration_batches(data, config.calibration_batch_size, config.max_calibration_samples, pad)
         t0 = time.perf_counter()
+        self._scores: dict[str, torch.Tensor] = {}
+        if config.selection == "taylor":  # scores of the dense model, before any block is compacted
+            batches = list(batches)
+            self._scores = taylor_scores(model, adapter, batches, device)
         report.calibration_tokens = capture_layer_inputs(model, adapter, batches, cache, device)
         report.calibration_batches = len(cache)
         layers = adapter.layers()
@@ -216,7 +222,8 @@ class ISpaSPPruner:
             proxy=config.proxy,
             threshold=config.threshold,
             num_iterations=config.num_iterations,
-            weight_scores=adapter.weight_scores(block) if config.selection == "weight_magnitude" else None,
+            weight_scores=adapter.weight_scores(block) if config.selection == "weight_magnitude"
+            else self._scores.get(block.name),
             generator=generator,
         )
         refit_rel = None
@@ -236,7 +243,7 @@ class ISpaSPPruner:
                      result.relative_residual)
         return BlockReport(
             block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
-            result.iterations,
+            result.iterations, [int(g) for g in result.groups],
         )
 
 

@@ -1,0 +1,98 @@
+"""First-order Taylor importance of groups (Molchanov et al., "Importance Estimation for Neural Network
+Pruning", CVPR 2019), the label-using baseline that i-SpaSP is compared against.
+
+The score of a group is ``|sum over tokens and the group's columns of H * dL/dH|``: the first-order change
+of the task loss when the group's hidden representation is set to zero. Scores come from one forward and
+one backward pass of the *dense* model per calibration batch, so, unlike i-SpaSP, the rule needs labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import ModelAdapter
+
+__all__ = ["taylor_scores"]
+
+logger = logging.getLogger(__name__)
+
+_LABEL_KEYS = ("labels", "label")
+
+
+def _labels(batch: Any) -> torch.Tensor | None:
+    if not isinstance(batch, Mapping):
+        return None
+    for key in _LABEL_KEYS:
+        if key in batch and batch[key] is not None:
+            return torch.as_tensor(batch[key])
+    return None
+
+
+def taylor_scores(
+    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per-group Taylor scores of every prunable block of ``model``, keyed by block name.
+
+    Args:
+        model: The dense model; it must compute its task loss when called with ``labels``.
+        adapter: Its adapter (gives the blocks and reads ``H`` without padding).
+        batches: Calibration batches with a ``labels`` (or ``label``) entry.
+        device: Where the model runs.
+
+    Raises:
+        ValueError: a batch has no labels, or the model returns no loss.
+    """
+    blocks = list(adapter.iter_blocks())
+    sums = {b.name: torch.zeros(b.num_groups * b.group_size, dtype=torch.float64) for b in blocks}
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            args[0].retain_grad()
+            captured[name] = args[0]
+
+        return hook
+
+    handles = [adapter.current_down(b).register_forward_pre_hook(make_hook(b.name)) for b in blocks]
+    was_training = model.training
+    model.eval()  # dropout off: the scores describe the deterministic network that is pruned
+    seen = 0
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                labels = _labels(batch)
+                if labels is None:
+                    raise ValueError(
+                        "selection='taylor' needs labels in every calibration batch (a 'labels' entry) to compute "
+                        "the task loss; keep the label column in the calibration DataLoader, or use a label-free "
+                        "rule such as selection='ispasp'"
+                    )
+                args, kwargs, mask = adapter.prepare_batch(batch, device)
+                captured.clear()
+                model.zero_grad(set_to_none=True)
+                output = model(*args, **kwargs, labels=labels.to(device))
+                loss = getattr(output, "loss", None)
+                if loss is None:
+                    raise ValueError(f"{type(model).__name__} returned no loss for labelled inputs; cannot use taylor")
+                loss.backward()
+                for block in blocks:
+                    hidden = captured.get(block.name)
+                    if hidden is None or hidden.grad is None:
+                        continue
+                    rows = adapter.hidden_rows(block, (hidden * hidden.grad).detach(), mask)
+                    sums[block.name] += rows.sum(0).to(torch.float64).cpu()
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("selection='taylor' got no calibration batches")
+    logger.debug("taylor scores from %d batches", seen)
+    return {b.name: sums[b.name].reshape(b.num_groups, b.group_size).sum(-1).abs() for b in blocks}
