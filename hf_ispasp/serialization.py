@@ -168,6 +168,8 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     with no_init_weights():
         model = getattr(transformers, architectures[0])(config)
     adapter_for(model).apply_widths(record["widths"])
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied parameters are stored once; tie first so the strict check knows the aliases
     state: dict[str, torch.Tensor] = {}
     for file in _state_dict_files(path):
         state.update(load_file(file))

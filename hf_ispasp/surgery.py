@@ -13,12 +13,12 @@ __all__ = ["group_columns", "slice_conv_in", "slice_conv_out", "slice_linear_in"
 
 def slice_linear_out(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep output features ``index`` (rows of the weight and the bias)."""
-    return prune_linear_layer(layer, index.to(layer.weight.device), dim=0)
+    return prune_linear_layer(layer, index.to(layer.weight.device), dim=0).to(layer.weight.dtype)
 
 
 def slice_linear_in(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep input features ``index`` (columns of the weight); the bias is unchanged."""
-    return prune_linear_layer(layer, index.to(layer.weight.device), dim=1)
+    return prune_linear_layer(layer, index.to(layer.weight.device), dim=1).to(layer.weight.dtype)
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:

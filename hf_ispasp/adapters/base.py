@@ -216,6 +216,8 @@ class ModelAdapter(ABC):
     def example_inputs(self, batch_size: int = 1, seq_len: int = 128) -> dict[str, torch.Tensor]:
         """Inputs for FLOPs counting and latency measurement."""
         config = self.model.config
+        # RoBERTa-style position ids start after the padding index, so leave two positions of headroom.
+        seq_len = min(seq_len, getattr(config, "max_position_embeddings", seq_len + 2) - 2)
         ids = torch.randint(0, getattr(config, "vocab_size", 1000), (batch_size, seq_len), generator=_gen())
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 

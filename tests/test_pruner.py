@@ -1,0 +1,231 @@
+"""Engine invariants: exact keep-all, untouched input, determinism, padding and batch-size invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_text_model, token_batches
+
+from hf_ispasp import CalibrationError, ISpaSPPruner, PrunerConfig, UnsupportedModelError, adapter_for
+
+QUIET = {"show_progress": False}
+
+
+def _prune(model, data, **kwargs):
+    pruner = ISpaSPPruner(model, PrunerConfig(**{**QUIET, **kwargs}))
+    return pruner.prune(data), pruner
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a, b, **tol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].shape == sb[key].shape, key
+        torch.testing.assert_close(sa[key], sb[key], **tol)
+
+
+def test_input_model_is_untouched(batches):
+    model = tiny_text_model("bert")
+    before = _state(model)
+    pruned, _ = _prune(model, batches, ffn_keep_ratio=0.3, head_keep_ratio=0.4)
+    assert pruned is not model
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 3
+
+
+def test_failed_prune_leaves_model_untouched(batches, monkeypatch):
+    model = tiny_text_model("bert")
+    before = _state(model)
+    bad = batches[:2] + [{"input_ids": torch.full((2, 5), VOCAB + 50), "attention_mask": torch.ones(2, 5)}]
+    with pytest.raises(IndexError):
+        _prune(model, bad)
+    # An exception part-way through compaction, after some blocks were already sliced.
+    from hf_ispasp.adapters.encoders import TransformerEncoderAdapter
+
+    calls = {"n": 0}
+    original = TransformerEncoderAdapter.compact
+
+    def flaky(self, block, groups):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return original(self, block, groups)
+
+    monkeypatch.setattr(TransformerEncoderAdapter, "compact", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        _prune(model, batches, ffn_keep_ratio=0.5)
+    for key, value in model.state_dict().items():
+        assert value.shape == before[key].shape and torch.equal(value, before[key]), key
+
+
+def test_same_seed_same_selection(batches):
+    model = tiny_text_model("bert")
+    a, _ = _prune(model, batches, selection="random", seed=3)
+    b, _ = _prune(model, batches, selection="random", seed=3)
+    c, _ = _prune(model, batches, selection="random", seed=4)
+    _assert_same_state(a, b, rtol=0, atol=0)
+    assert any(
+        not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()) if x.shape == y.shape
+    )
+    d, _ = _prune(model, batches)
+    e, _ = _prune(model, batches)
+    _assert_same_state(d, e, rtol=0, atol=0)
+
+
+def _kept(pruner):
+    return [(b.name, b.kept) for b in pruner.report.blocks]
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_padding_length_and_garbage_do_not_change_the_selection(refit):
+    model = tiny_text_model("bert")
+    tight = token_batches()
+    padded = token_batches(pad_to=40, pad_fill=7)  # same examples, longer padding with random ids under it
+    a, pa = _prune(model, tight, ffn_keep_ratio=0.4, head_keep_ratio=0.6, refit=refit)
+    b, pb = _prune(model, padded, ffn_keep_ratio=0.4, head_keep_ratio=0.6, refit=refit)
+    assert pa.report.calibration_tokens == pb.report.calibration_tokens
+    assert _kept(pa) == _kept(pb)
+    if not refit:  # sliced weights are bit-identical; re-fitted ones agree up to float32 statistics
+        _assert_same_state(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(**tight[0]).logits, b(**tight[0]).logits, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_calibration_batch_size_does_not_change_the_selection(refit):
+    model = tiny_text_model("roberta")
+    small, big = token_batches(batch_size=3, pad_id=1), token_batches(batch_size=24, pad_id=1)
+    a, pa = _prune(model, small, ffn_keep_ratio=0.4, head_keep_ratio=0.6, refit=refit)
+    b, pb = _prune(model, big, ffn_keep_ratio=0.4, head_keep_ratio=0.6, refit=refit)
+    assert _kept(pa) == _kept(pb)
+    if not refit:
+        _assert_same_state(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(a(**small[0]).logits, b(**small[0]).logits, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["disk", "memory"])
+def test_cache_modes_agree(batches, cache):
+    model = tiny_text_model("bert")
+    a, _ = _prune(model, batches, activation_cache=cache)
+    b, _ = _prune(model, batches, activation_cache="memory")
+    _assert_same_state(a, b, rtol=0, atol=0)
+
+
+def test_budgets_overrides_and_rounding(batches):
+    model = tiny_text_model("bert")
+    overrides = {1: {"ffn_keep_ratio": 1.0, "head_keep_ratio": 0.01}}
+    pruned, pruner = _prune(model, batches, ffn_keep_ratio=0.5, head_keep_ratio=0.01, round_to=8,
+                            layer_overrides=overrides)
+    widths = adapter_for(pruned).widths()
+    assert widths["heads"] == [1, 1]  # at least one head per layer
+    assert widths["ffn"] == [16, 37]  # 18.5 -> rounded to a multiple of 8; layer 1 overridden to keep all
+    assert pruned.config.ispasp["widths"] == widths
+    assert [b.groups_after for b in pruner.report.blocks] == [1, 16, 1, 37]
+
+
+def test_keep_all_reproduces_outputs_exactly(batches):
+    model = tiny_text_model("bert")
+    pruned, pruner = _prune(model, batches, ffn_keep_ratio=1.0, head_keep_ratio=1.0)
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(pruned(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    assert pruner.report.params_after == pruner.report.params_before
+
+
+def test_refit_lowers_the_residual(batches):
+    model = tiny_text_model("bert")
+    _, with_refit = _prune(model, batches, ffn_keep_ratio=0.3, head_keep_ratio=0.7, refit=True)
+    for block in with_refit.report.blocks:
+        assert block.relative_residual_refit is not None
+        assert block.relative_residual_refit <= block.relative_residual + 1e-9
+
+
+@pytest.mark.parametrize("selection", ["ispasp", "random", "weight_magnitude", "activation", "output_energy"])
+def test_every_rule_runs(batches, selection):
+    model = tiny_text_model("distilbert")
+    pruned, pruner = _prune(model, batches, selection=selection, refit=False)
+    assert pruner.report.params_after < pruner.report.params_before
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**batches[0]).logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(batches, dtype):
+    model = tiny_text_model("bert").to(dtype)
+    pruned, _ = _prune(model, batches, ffn_keep_ratio=0.5)
+    assert next(pruned.parameters()).dtype == dtype
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**batches[0]).logits.float()).all()
+
+
+def test_datasets_dataset_and_sample_cap():
+    import datasets
+
+    rows = []
+    for batch in token_batches(num=20):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            n = int(mask.sum())
+            rows.append({"input_ids": ids[:n].tolist(), "attention_mask": [1] * n, "label": 1})
+    dataset = datasets.Dataset.from_list(rows)
+    model = tiny_text_model("bert")
+    _, pruner = _prune(model, dataset, calibration_batch_size=6, max_calibration_samples=10)
+    assert pruner.report.calibration_batches == 2
+    assert pruner.report.calibration_tokens == sum(len(r["input_ids"]) for r in rows[:10])
+
+
+# Errors ---------------------------------------------------------------------------------------------
+def test_unsupported_architecture_says_how_to_add_one():
+    from transformers import GPT2Config, GPT2Model
+
+    model = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError) as info:
+        ISpaSPPruner(model, PrunerConfig())
+    message = str(info.value)
+    assert "'gpt2'" in message and "bert" in message and "register_adapter" in message
+
+
+@pytest.mark.parametrize(
+    "data,error,match",
+    [
+        ([], CalibrationError, "empty"),
+        (None, CalibrationError, "None"),
+        ([{"attention_mask": torch.ones(2, 3)}], ValueError, "input_ids"),
+        ([{"input_ids": torch.rand(2, 3)}], TypeError, "integer token ids"),
+        ([{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.zeros(2, 3)}], ValueError,
+         "no real tokens"),
+        ([torch.ones(2, 3, dtype=torch.long)], TypeError, "dicts of tensors"),
+    ],
+)
+def test_bad_calibration_data(data, error, match):
+    model = tiny_text_model("bert")
+    with pytest.raises(error, match=match):
+        _prune(model, data)
+
+
+def test_nan_weights_and_nan_activations_are_reported(batches):
+    model = tiny_text_model("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        _prune(model, batches)
+    model = tiny_text_model("bert")
+    model.bert.encoder.layer[1].intermediate.register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(CalibrationError, match=r"layer\.1\.ffn.*NaN"):
+        _prune(model, batches)
+
+
+def test_meta_device_model_is_rejected(batches):
+    model = tiny_text_model("bert").to("meta")
+    with pytest.raises(ValueError, match="meta"):
+        _prune(model, batches)
+
+
+def test_config_type_is_checked():
+    with pytest.raises(TypeError, match="PrunerConfig"):
+        ISpaSPPruner(tiny_text_model("bert"), {"ffn_keep_ratio": 0.5})
