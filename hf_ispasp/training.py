@@ -127,7 +127,7 @@ class DistillationTrainer(Trainer):
 
     Evaluation reports the plain task loss (``eval_loss`` stays comparable with and without distillation);
     ``compute_metrics``, checkpoints and ``resume_from_checkpoint`` are the ``Trainer``'s own. The teacher is
-    frozen, kept in eval mode on the training device, never wrapped for distribution and never saved. With
+    frozen (run under ``no_grad``), kept in eval mode on the training device, never wrapped for distribution and never saved. With
     ``distill_weight == hidden_weight == 0`` (or no teacher) this is exactly ``Trainer``.
 
     Args:
@@ -146,8 +146,9 @@ class DistillationTrainer(Trainer):
         self.distillation = distillation or DistillationArguments()
         self.teacher = teacher_model
         if self.teacher is not None:
-            self.teacher.eval().requires_grad_(False)
-            self.teacher.to(self.args.device)
+            # Frozen by running under no_grad, not by requires_grad_(False): that would leak into the caller's
+            # model (e.g. the dense model that later prunes deep-copy and fine-tune).
+            self.teacher.eval().to(self.args.device)
         if self.distilling:
             # Our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps.
             self.loss_is_scaled_for_ga = False

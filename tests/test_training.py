@@ -111,8 +111,10 @@ def test_zero_weight_is_the_task_loss_and_identical_teacher_adds_nothing(tmp_pat
                                distillation=DistillationArguments(distill_weight=0.3, hidden_weight=1.0))
     torch.testing.assert_close(twin.compute_loss(student, dict(batch)), 0.7 * task, atol=1e-6, rtol=1e-5)
     # A dense teacher: the loss differs from the task loss.
-    dense = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=_model(),
+    teacher = _model()
+    dense = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher,
                                 distillation=DistillationArguments(distill_weight=0.5))
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's model is not frozen for good
     assert abs(float(dense.compute_loss(student, dict(batch)).detach()) - float(task.detach())) > 1e-4
 
 
