@@ -58,7 +58,10 @@ def torch_pruning_prune(task: common.Task, importance: str, ffn_keep: float, hea
         # keeps it from also slicing head dimensions.
         for layer in bert.encoder.layer:
             ffn_ratio[layer.attention.self.query] = head_ratio
-    imp = tp.importance.GroupMagnitudeImportance(p=2) if importance == "magnitude" else tp.importance.GroupTaylorImportance()
+    if importance == "magnitude":
+        imp = tp.importance.GroupMagnitudeImportance(p=2)
+    else:
+        imp = tp.importance.GroupTaylorImportance()
     pruner = tp.pruner.MetaPruner(
         model,
         example,
@@ -86,7 +89,7 @@ def torch_pruning_prune(task: common.Task, importance: str, ffn_keep: float, hea
 def fix_attention_heads(model: Any) -> None:
     """Make head counts and config widths match the sliced weights (Torch-Pruning's example leaves them stale)."""
     bert = model.base_model
-    head_dims, ffn = set(), set()
+    ffn: set[int] = set()
     heads_per_layer = []
     for layer in bert.encoder.layer:
         attn = layer.attention.self
@@ -94,25 +97,33 @@ def fix_attention_heads(model: Any) -> None:
         attn.num_attention_heads = width // attn.attention_head_size
         attn.all_head_size = width
         heads_per_layer.append(attn.num_attention_heads)
-        head_dims.add(attn.attention_head_size)
         ffn.add(layer.intermediate.dense.out_features)
-    if len(set(heads_per_layer)) == 1 and len(ffn) == 1:
-        model.config.num_attention_heads = heads_per_layer[0]
+    if len(ffn) == 1:
         model.config.intermediate_size = ffn.pop()
-        # BERT derives head_dim = hidden_size // num_attention_heads: pin it so from_pretrained rebuilds 32-wide heads
-        model.config.head_dim = head_dims.pop()
+    heads = heads_per_layer[0]
+    if len(set(heads_per_layer)) == 1 and model.config.hidden_size % heads == 0:
+        # BertConfig refuses a hidden size that is not a multiple of the head count (384 / 9 heads): then the
+        # config cannot describe the pruned model at all and only the modules are fixed.
+        model.config.num_attention_heads = heads
 
 
-def reload_check(model: Any) -> tuple[bool, str]:
-    """Does ``save_pretrained`` + ``from_pretrained`` give the same outputs?"""
+def reload_check(model: Any, ours: bool) -> tuple[bool, str]:
+    """Does a save + reload give the same outputs? (``save_pruned``/``load_pruned`` for hf_ispasp models, plain
+    ``save_pretrained``/``from_pretrained`` for Torch-Pruning's, which has no shape record of its own)."""
     from transformers import AutoModelForSequenceClassification
+
+    from hf_ispasp import load_pruned, save_pruned
 
     inputs = common.example_inputs(False, 2, 16)
     inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            again = AutoModelForSequenceClassification.from_pretrained(tmp).eval()
+            if ours:
+                save_pruned(model, tmp)
+                again = load_pruned(tmp).eval()
+            else:
+                model.save_pretrained(tmp)
+                again = AutoModelForSequenceClassification.from_pretrained(tmp).eval()
             with torch.no_grad():
                 torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits)
         return True, ""
@@ -142,7 +153,7 @@ def run(task: common.Task, results: common.Results, budgets: list[tuple[float, f
 def _record(task: common.Task, results: common.Results, name: str, model: Any, seconds: float, ffn: float,
             heads: float) -> None:
     metrics = task.evaluate(model)
-    ok, why = reload_check(model)
+    ok, why = reload_check(model, ours=name.startswith("hf_ispasp"))
     results.add({"method": name, "ffn_keep": ffn, "head_keep": heads, "seconds": seconds, "widths": widths(model),
                  "reload_ok": ok, "reload_error": why, **metrics})
     print(f"{ffn}/{heads} {name:40s} acc={metrics['accuracy']:.3f} kl={metrics['kl']:.4f} {seconds:.1f}s "
@@ -158,8 +169,10 @@ def report(results: common.Results, dense: dict[str, float]) -> str:
         "the same process (Torch-Pruning's includes building its dependency graph and, for Taylor, the backward "
         "passes; ours includes calibration and, for Taylor, the backward passes). "
         f"Dense: accuracy {common.pct(dense['accuracy'])} ± {common.pct(dense['accuracy_stderr'])}. "
-        "'reload' = `save_pretrained` then `from_pretrained` gives the same logits (hf_ispasp models carry "
-        "per-layer widths; for Torch-Pruning we fixed the head counts and `config.head_dim` by hand).",
+        "'reload' = saving and reloading gives the same logits (hf_ispasp: `save_pruned` / `load_pruned`, "
+        "which rebuild the per-layer widths; Torch-Pruning: `save_pretrained` / `from_pretrained` after we fixed "
+        "the modules' head counts and `intermediate_size` by hand; with 9 of 12 heads `BertConfig` refuses "
+        "`num_attention_heads=9` for hidden size 384, so a plain transformers config cannot describe that model).",
         "",
     ]
     for ffn, heads in sorted({(r["ffn_keep"], r["head_keep"]) for r in results.records}, key=lambda b: (-b[0], -b[1])):

@@ -1,0 +1,101 @@
+"""Every benchmark script runs end to end on a tiny setting and writes JSON + a markdown fragment."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def _load(tmp_path: Path, name: str) -> dict:
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.md").read_text().startswith("## ")
+    assert data["meta"]["tiny"] is True
+    return data
+
+
+def test_synthetic(tmp_path: Path) -> None:
+    import synthetic
+
+    assert synthetic.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path, "synthetic")
+    recs = data["records"]
+    assert {r["rule"] for r in recs} == set(synthetic.RULES)
+    # the residual from the streamed statistics is the residual on the samples
+    assert max(r["stats_vs_direct_max_error"] for r in recs) < 1e-8
+    # planted dead units: the paper's rule reaches zero residual once every live unit fits in the budget
+    paper = next(r for r in recs if r["mode"] == "units" and r["p"] == 0.3 and r["rule"].startswith("ispasp-paper"))
+    live = round(0.3 * paper["hidden"])
+    assert all(v < 1e-12 for s, v in zip(paper["sizes"], paper["relative_residual"], strict=True) if s >= live)
+    curve = paper["relative_residual"]
+    assert all(b >= a - 1e-12 for a, b in zip(curve[1:], curve[:-1], strict=True))
+    assert (tmp_path / "synthetic_units.png").stat().st_size > 1000
+
+
+def test_selection_rules(tmp_path: Path) -> None:
+    import selection_rules
+
+    assert selection_rules.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path, "selection_rules")
+    keys = {(r["rule"], r["refit"]) for r in data["records"]}
+    assert keys == {(rule, refit) for rule in selection_rules.RULES for refit in (False, True)}
+    for r in data["records"]:
+        assert 0 < r["flops_ratio"] < 1 and r["kl"] >= 0 and 0 <= r["agreement"] <= 1
+    assert {r["rule"] for r in data["finetune"]} >= {"dense", selection_rules.DEFAULT_RULE[0]}
+    # a second run resumes: nothing is pruned again
+    before = len(data["records"])
+    assert selection_rules.main(["--tiny", "--output-dir", str(tmp_path), "--no-finetune"]) == 0
+    assert len(json.loads((tmp_path / "selection_rules.json").read_text())["records"]) == before
+
+
+def test_peer_torch_pruning(tmp_path: Path) -> None:
+    pytest.importorskip("torch_pruning")
+    import peer_torch_pruning
+
+    assert peer_torch_pruning.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    recs = _load(tmp_path, "peer_torch_pruning")["records"]
+    assert {r["method"] for r in recs} >= {"Torch-Pruning magnitude", "Torch-Pruning taylor"}
+    assert len({r["widths"] for r in recs}) == 1  # every method prunes to the same widths
+    ours = [r for r in recs if r["method"].startswith("hf_ispasp")]
+    assert ours and all(r["reload_ok"] for r in ours), [r["reload_error"] for r in ours]
+
+
+def test_pruning_speed(tmp_path: Path) -> None:
+    import pruning_speed
+
+    assert pruning_speed.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    (rec,) = _load(tmp_path, "pruning_speed")["records"]
+    assert rec["ratio"] > 1 and rec["forward_s"] > 0
+    # the naive reference implementation selects exactly what the streamed statistics select
+    assert rec["blocks_same_support"] == rec["blocks"]
+
+
+def test_inference_speed(tmp_path: Path) -> None:
+    import inference_speed
+
+    assert inference_speed.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path, "inference_speed")
+    (rec,) = data["records"]
+    assert 0 < rec["flops_ratio"] < 1 and rec["b1_speedup"] > 0
+    assert "matmul (linear layers)" in data["profile_main_budget_batch32_ms"]["dense"]
+
+
+def test_make_report(tmp_path: Path) -> None:
+    import make_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "inference_speed.md").write_text("## Inference\n\n![plot](plot.png)\n")
+    (results / "synthetic.md").write_text("## Synthetic\n")
+    (results / "vision_x.md").write_text("## Vision\n")
+    out = tmp_path / "BENCHMARKS.md"
+    assert make_report.main(["--results-dir", str(results), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.index("## Synthetic") < text.index("## Inference") < text.index("## Vision")
+    assert "](results/plot.png)" in text
+    assert "`selection_rules`" in text  # listed as not run
