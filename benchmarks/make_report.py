@@ -11,12 +11,14 @@ rewritten relative to the output file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ("random", "weight_magnitude", "activation", "taylor", "output_energy")
 ORDER = [
     ("summary", "Summary and chosen defaults"),
     ("synthetic", "1. The paper's synthetic experiment"),
@@ -38,6 +40,78 @@ python benchmarks/make_report.py        # only re-assemble BENCHMARKS.md from th
 """
 
 
+def _json(results_dir: Path, name: str) -> dict | None:
+    path = results_dir / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def summary(results_dir: Path) -> str:
+    """The targets of the benchmark issue, checked against the JSON results (computed, never typed in)."""
+    lines = ["## Summary: targets and defaults", ""]
+    rules = _json(results_dir, "selection_rules")
+    if rules and rules.get("records"):
+        recs = rules["records"]
+        dense = rules["meta"]["dense"]
+        default = ("ispasp l2/output", True)
+        budgets = sorted({(r["ffn_keep"], r["head_keep"]) for r in recs}, key=lambda b: (-b[0], -b[1]))
+        wins, total = 0, 0
+        for b in budgets:
+            rows = [r for r in recs if (r["ffn_keep"], r["head_keep"]) == b]
+            ours = next((r for r in rows if (r["rule"], r["refit"]) == default), None)
+            base = [r for r in rows if r["rule"] in BASELINES]
+            if ours and base:
+                total += 1
+                wins += int(ours["kl"] < min(r["kl"] for r in base))
+        lines.append(f"- Current default (i-SpaSP, l2 proxy, output threshold, re-fit) has a lower KL than every "
+                     f"baseline rule of the engine at {wins} of {total} budgets measured.")
+        main = [r for r in recs if (r["ffn_keep"], r["head_keep"]) == (0.5, 0.75)]
+        if main:
+            best = min(main, key=lambda r: r["kl"])
+            label = best["rule"] + (" + re-fit" if best["refit"] else "")
+            lines.append(f"- Lowest KL at FFN 0.5 / heads 0.75: {label} "
+                         f"(KL {best['kl']:.4f}, accuracy {100 * best['accuracy']:.1f} vs dense "
+                         f"{100 * dense['accuracy']:.1f}).")
+            ours = next((r for r in main if (r["rule"], r["refit"]) == default), None)
+            if ours:
+                gap = 100 * (dense["accuracy"] - ours["accuracy"])
+                lines.append(f"- Target 'one-shot within 3 points of dense at 0.5/0.75': default is {gap:+.1f} points "
+                             f"below dense -> {'met' if gap <= 3 else 'not met'}.")
+        ft = {r["rule"]: r for r in rules.get("finetune", [])}
+        if "dense" in ft and default[0] in ft:
+            gap = 100 * (ft["dense"]["accuracy"] - ft[default[0]]["accuracy"])
+            lines.append(f"- Target 'within 1 point after a 1-epoch fine-tune': {gap:+.1f} points below the dense "
+                         f"model fine-tuned with the same recipe -> {'met' if gap <= 1 else 'not met'}.")
+    peer = _json(results_dir, "peer_torch_pruning")
+    if peer and peer.get("records"):
+        for b in sorted({(r["ffn_keep"], r["head_keep"]) for r in peer["records"]}):
+            rows = [r for r in peer["records"] if (r["ffn_keep"], r["head_keep"]) == b]
+            ours = next((r for r in rows if r["method"].startswith("hf_ispasp default")), None)
+            tps = [r for r in rows if r["method"].startswith("Torch-Pruning")]
+            if ours and tps:
+                best = min(tps, key=lambda r: r["kl"])
+                lines.append(f"- Torch-Pruning at {b[0]}/{b[1]}: best is {best['method']} (KL {best['kl']:.4f}, "
+                             f"{100 * best['accuracy']:.1f}%, {best['seconds']:.1f}s) vs hf_ispasp default "
+                             f"(KL {ours['kl']:.4f}, {100 * ours['accuracy']:.1f}%, {ours['seconds']:.1f}s).")
+    speed = _json(results_dir, "pruning_speed")
+    if speed and speed.get("records"):
+        ratios = ", ".join(f"{r['calibration_sequences']}: {r['ratio']:.1f}x" for r in speed["records"])
+        worst = max(r["ratio"] for r in speed["records"])
+        lines.append(f"- Target 'pruning time at most 3x one calibration forward pass': {ratios} -> "
+                     f"{'met' if worst <= 3 else 'not met'}.")
+    inf = _json(results_dir, "inference_speed")
+    if inf and inf.get("records"):
+        main = next((r for r in inf["records"] if (r["ffn_keep"], r["head_keep"]) == (0.5, 0.75)), None)
+        if main:
+            frac = min(main["b1_speedup"], main["b32_speedup"]) / main["flops_speedup"]
+            lines.append("- Target 'speedup >= 85% of the FLOPs reduction at 0.5/0.75': "
+                         f"FLOPs x{main['flops_speedup']:.2f}, "
+                         f"batch 1 x{main['b1_speedup']:.2f}, batch 32 x{main['b32_speedup']:.2f} ({100 * frac:.0f}% "
+                         f"for the worse of the two) -> {'met' if frac >= 0.85 else 'not met'}.")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def assemble(results_dir: Path, output: Path) -> str:
     fragments = {p.stem: p for p in sorted(results_dir.glob("*.md"))}
     known = [name for name, _ in ORDER]
@@ -50,6 +124,8 @@ def assemble(results_dir: Path, output: Path) -> str:
         "the JSON next to its fragment.",
         "",
         COMMANDS,
+        summary(results_dir),
+        "",
     ]
     missing = []
     for name in names:
