@@ -1,9 +1,11 @@
 """First-order Taylor importance of groups (Molchanov et al., "Importance Estimation for Neural Network
 Pruning", CVPR 2019), the label-using baseline that i-SpaSP is compared against.
 
-The score of a group is ``|sum over tokens and the group's columns of H * dL/dH|``: the first-order change
-of the task loss when the group's hidden representation is set to zero. Scores come from one forward and
-one backward pass of the *dense* model per calibration batch, so, unlike i-SpaSP, the rule needs labels.
+The score of a group is, summed over calibration sequences, ``|sum over the sequence's tokens and the group's
+columns of H * dL/dH|``: the first-order change of the task loss when the group's hidden representation is
+set to zero, taken per example as in Molchanov et al. (2017), so that opposite signs on different sequences
+do not cancel. Scores come from one forward and one backward pass of the *dense* model per calibration
+batch, so, unlike i-SpaSP, the rule needs labels.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def taylor_scores(
         ValueError: a batch has no labels, or the model returns no loss.
     """
     blocks = list(adapter.iter_blocks())
-    sums = {b.name: torch.zeros(b.num_groups * b.group_size, dtype=torch.float64) for b in blocks}
+    sums = {b.name: torch.zeros(b.num_groups, dtype=torch.float64) for b in blocks}
     captured: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Any:
@@ -84,8 +86,7 @@ def taylor_scores(
                     hidden = captured.get(block.name)
                     if hidden is None or hidden.grad is None:
                         continue
-                    rows = adapter.hidden_rows(block, (hidden * hidden.grad).detach(), mask)
-                    sums[block.name] += rows.sum(0).to(torch.float64).cpu()
+                    sums[block.name] += _per_sequence(adapter, block, (hidden * hidden.grad).detach(), mask)
                 seen += 1
     finally:
         for handle in handles:
@@ -95,4 +96,15 @@ def taylor_scores(
     if seen == 0:
         raise ValueError("selection='taylor' got no calibration batches")
     logger.debug("taylor scores from %d batches", seen)
-    return {b.name: sums[b.name].reshape(b.num_groups, b.group_size).sum(-1).abs() for b in blocks}
+    return sums
+
+
+def _per_sequence(adapter: ModelAdapter, block: Any, product: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``sum_sequences |sum_{tokens, group columns} H * dL/dH|`` for one batch (padding excluded)."""
+    width = block.num_groups * block.group_size
+    if product.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(product.shape[:2]):
+        per_seq = (product * mask.to(product.device, product.dtype).unsqueeze(-1)).sum(1)  # (batch, width)
+    else:  # layouts without a (batch, tokens) mask: the whole batch counts as one example
+        per_seq = adapter.hidden_rows(block, product, mask).sum(0, keepdim=True)
+    grouped = per_seq.reshape(-1, width).to(torch.float64).reshape(-1, block.num_groups, block.group_size).sum(-1)
+    return grouped.abs().sum(0).cpu()

@@ -38,14 +38,12 @@ def test_taylor_scores_match_a_manual_gradient() -> None:
     block = next(b for b in adapter.iter_blocks() if b.kind == "ffn")
     assert scores[block.name].shape == (37,)
     # manual check: d loss / d (scale of neuron j) at scale 1 equals sum_tokens H_j dL/dH_j
-    batch = _batches(True)[0]
+    batch = {k: v[1:2] for k, v in _batches(True)[0].items()}  # one sequence: per-sequence = whole-batch sum
     scale = torch.ones(37, requires_grad=True)
     handle = block.down.register_forward_pre_hook(lambda m, a: (a[0] * scale,))
     model(**batch).loss.backward()
     handle.remove()
     single = taylor_scores(model, adapter, [batch], torch.device("cpu"))[block.name]
-    # padding rows are excluded by taylor_scores but not by the scale trick; padded tokens have no effect on the
-    # loss through the [CLS] path except via attention, where they are masked, so the two agree
     torch.testing.assert_close(single, scale.grad.abs().double(), rtol=1e-4, atol=1e-7)
     assert not any(p.grad is not None for p in model.parameters())
 
