@@ -85,13 +85,16 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> Non
     """
     for matches, save in _SAVERS:
         if matches(model):
-            atomic_directory(path, lambda tmp: save(model, tmp))
+            atomic_directory(path, lambda tmp, save=save: save(model, tmp))
             return
     if not hasattr(model, "save_pretrained"):
         raise TypeError(
             f"cannot save a {type(model).__name__}: it is neither a transformers model nor a model with a "
             "registered hf_ispasp checkpoint format (see hf_ispasp.serialization.register_format)"
         )
+    # transformers 5 renames some weights back to their legacy names on save (e.g. ViT's `encoder.layer`);
+    # load_pruned reads the file directly, so keep the names of the module tree.
+    kwargs.setdefault("save_original_format", False)
     atomic_directory(path, lambda tmp: model.save_pretrained(tmp, **kwargs))
 
 
@@ -130,7 +133,8 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
         raise CheckpointMismatchError(
             f"the weights in {source} do not match the widths recorded in its pruning metadata "
             f"(config.{METADATA_KEY}).\n"
-            + (f"Modules with mismatched shapes: {modules}\n  " + "\n  ".join(mismatched[:20]) + "\n" if mismatched else "")
+            + (f"Modules with mismatched shapes: {modules}\n  " + "\n  ".join(mismatched[:20]) + "\n"
+               if mismatched else "")
             + (f"Missing keys: {missing[:20]}\n" if missing else "")
             + (f"Unexpected keys: {unexpected[:20]}\n" if unexpected else "")
             + "Re-save the pruned model with save_pretrained (which writes both), or fix config.json's "

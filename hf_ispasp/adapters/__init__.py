@@ -1,6 +1,6 @@
 """Architecture adapters; importing this package registers the built-in ones."""
 
-from . import encoders
+from . import encoders, vit  # noqa: F401  (registers the adapters)
 from .base import (
     ADAPTER_REGISTRY,
     ModelAdapter,
@@ -10,6 +10,15 @@ from .base import (
     register_adapter,
     supported_model_types,
 )
+
+try:  # timm is an optional extra (pip install hf_ispasp[timm]); its adapters register only when it is installed
+    import timm as _timm  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import timm_cnn, timm_vit  # noqa: F401
+
+from .. import vision  # noqa: E402,F401  (registers the timm checkpoint format with save_pruned / load_pruned)
 
 __all__ = [
     "ADAPTER_REGISTRY",
