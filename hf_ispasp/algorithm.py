@@ -202,7 +202,7 @@ def select_groups(
         static = None if threshold == "residual" else problem.static_score(threshold)
         support = torch.zeros(0, dtype=torch.long)
         best, best_residual = support, float("inf")
-        for iterations in range(1, num_iterations + 1):
+        for iterations in range(1, num_iterations + 1):  # noqa: B007 (reported after the loop)
             scores = problem.proxy(support, proxy)
             omega = _topk_groups(scores, min(2 * keep, n))
             merged = torch.zeros(n, dtype=torch.bool)

@@ -57,8 +57,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     dense_m = classification_metrics(dense_logits, test["label"])
     pruned_m = classification_metrics(pruned_logits, test["label"], dense_logits)
 
-    example1 = {"input_ids": torch.randint(1000, 20000, (1, 128)), "attention_mask": torch.ones(1, 128, dtype=torch.long)}
-    example32 = {"input_ids": torch.randint(1000, 20000, (32, 128)), "attention_mask": torch.ones(32, 128, dtype=torch.long)}
+    gen = torch.Generator().manual_seed(args.seed)
+    example1 = {"input_ids": torch.randint(1000, 20000, (1, 128), generator=gen)}
+    example1["attention_mask"] = torch.ones_like(example1["input_ids"])
+    example32 = {"input_ids": torch.randint(1000, 20000, (32, 128), generator=gen)}
+    example32["attention_mask"] = torch.ones_like(example32["input_ids"])
     lat1 = latency_ratio(dense, pruned, example1, repeats=args.latency_repeats)
     lat32 = latency_ratio(dense, pruned, example32, repeats=max(3, args.latency_repeats // 5))
     flops_dense, flops_pruned = count_flops(dense, example1), count_flops(pruned, example1)
@@ -109,7 +112,8 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     model = AutoModel.from_pretrained(args.model)
     if os.path.exists(args.data):
         ext = os.path.splitext(args.data)[1].lstrip(".")
-        raw = datasets.load_dataset({"txt": "text", "jsonl": "json"}.get(ext, ext), data_files=args.data, split="train")
+        builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        raw = datasets.load_dataset(builder, data_files=args.data, split="train")
     else:
         raw = datasets.load_dataset(args.data, split=args.split)
     tokenized = tokenize_dataset(raw, tokenizer, text_column=args.text_column)

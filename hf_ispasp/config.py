@@ -88,7 +88,8 @@ class PrunerConfig:
     def __post_init__(self) -> None:
         _check_ratio("ffn_keep_ratio", self.ffn_keep_ratio)
         _check_ratio("head_keep_ratio", self.head_keep_ratio)
-        if isinstance(self.num_iterations, bool) or not isinstance(self.num_iterations, int) or self.num_iterations < 1:
+        iterations = self.num_iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations!r} must be an integer >= 1 (the paper uses 20).")
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("proxy", self.proxy, PROXIES)

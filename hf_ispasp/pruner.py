@@ -23,7 +23,6 @@ from .importance import taylor_scores
 from .metrics import count_flops, count_parameters
 from .statistics import (
     ActivationCache,
-    CalibrationError,
     calibration_batches,
     capture_layer_inputs,
     collect_block_statistics,

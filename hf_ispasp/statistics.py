@@ -55,7 +55,8 @@ def _dataset_batches(dataset: Any, batch_size: int, pad_token_id: int) -> Iterat
             batch[column] = _pad([r[column] for r in rows], pad_token_id if column == "input_ids" else 0)
         if "input_ids" in batch and "attention_mask" not in batch:
             lengths = [len(r["input_ids"]) for r in rows]
-            batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+            positions = torch.arange(batch["input_ids"].shape[1])[None]
+            batch["attention_mask"] = (positions < torch.tensor(lengths)[:, None]).long()
         yield batch
 
 

@@ -47,7 +47,9 @@ def slice_conv_out(conv: nn.Conv2d, index: torch.Tensor) -> nn.Conv2d:
 def slice_conv_in(conv: nn.Conv2d, index: torch.Tensor) -> nn.Conv2d:
     """Keep input channels ``index`` of an ungrouped conv, in place."""
     if conv.groups != 1:
-        raise ValueError("slice_conv_in supports ungrouped convolutions only; slice depthwise convs on the output side")
+        raise ValueError(
+            "slice_conv_in supports ungrouped convolutions only; slice depthwise convs on the output side"
+        )
     _set_param(conv, "weight", conv.weight.data.index_select(1, index.to(conv.weight.device)))
     conv.in_channels = len(index)
     return conv

@@ -48,8 +48,10 @@ def tiny_factories() -> dict[str, Callable[[], nn.Module]]:
     return factories
 
 
-def token_batches(num: int = 24, batch_size: int = 8, min_len: int = 5, max_len: int = 14, seed: int = 1,
-                  pad_id: int = 0, pad_to: int | None = None, pad_fill: int | None = None) -> list[dict[str, torch.Tensor]]:
+def token_batches(
+    num: int = 24, batch_size: int = 8, min_len: int = 5, max_len: int = 14, seed: int = 1, pad_id: int = 0,
+    pad_to: int | None = None, pad_fill: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of random token ids; ``pad_fill`` puts garbage ids under the padding."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (num,), generator=gen)

@@ -44,7 +44,9 @@ def test_residual_matches_explicit_computation():
     assert 0 < result.relative_residual < 1
 
 
-@pytest.mark.parametrize("proxy,threshold", list(itertools.product(["sum", "l2"], ["sum", "l2", "output", "residual"])))
+@pytest.mark.parametrize(
+    "proxy,threshold", list(itertools.product(["sum", "l2"], ["sum", "l2", "output", "residual"]))
+)
 def test_ispasp_recovers_planted_support(proxy, threshold):
     h, w, active = _planted()
     result = select_groups(_stats(h), w, 1, len(active), proxy=proxy, threshold=threshold)
