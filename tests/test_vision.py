@@ -169,3 +169,25 @@ def test_import_without_timm():
         "assert 'vit' in keys and 'ResNet' not in keys, keys\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_image_classification_example(tmp_path):
+    """The example end to end on a few real Fashion-MNIST images with a tiny timm model."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("timm")
+    path = Path(__file__).resolve().parents[1] / "examples" / "prune_image_classification.py"
+    spec = importlib.util.spec_from_file_location("prune_image_classification", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pruned"
+    result = module.main([
+        "--model", "mobilenetv2_035", "--image_size", "32", "--max_train_images", "128", "--max_eval_images", "64",
+        "--calibration_images", "32", "--batch_size", "32", "--dense_steps", "2", "--flops_fraction", "0.7",
+        "--finetune_steps", "2", "--output_dir", str(out),
+    ])
+    assert result["flops_pruned"] / result["flops_dense"] == pytest.approx(0.7, abs=0.03)
+    reloaded = load_pruned(out)
+    x = images(2)
+    assert logits(reloaded, x).shape == (2, 10)
