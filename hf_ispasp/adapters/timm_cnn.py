@@ -16,6 +16,11 @@ A "layer" (the key of ``PrunerConfig.layer_overrides``) is one timm block in for
 (``model.blocks`` / ``model.layerN`` flattened) for EfficientNet, MobileNet and ResNet, and one stage for
 ConvNeXt (its down-sampling sits between stages, outside the blocks). Projections followed by BatchNorm have no
 bias: the re-fit's bias shift is folded into that BatchNorm's ``running_mean`` (exact in eval mode).
+
+Not prunable (skipped, they keep their width): depthwise-separable, edge-residual and CondConv blocks, grouped
+convolutions (ResNeXt), blocks with anti-aliasing between the pruned channels and the projection, and ConvNeXt
+MLPs with a hidden norm (ConvNeXt-V2's GRN). With squeeze-excitation the gate is recomputed from the kept
+channels only, so a compacted SE block deviates slightly from what the statistics predicted.
 """
 
 from __future__ import annotations
