@@ -81,8 +81,10 @@ def summary(results_dir: Path) -> str:
         ft = {r["rule"]: r for r in rules.get("finetune", [])}
         if "dense" in ft and default[0] in ft:
             gap = 100 * (ft["dense"]["accuracy"] - ft[default[0]]["accuracy"])
-            lines.append(f"- Target 'within 1 point after a 1-epoch fine-tune': {gap:+.1f} points below the dense "
-                         f"model fine-tuned with the same recipe -> {'met' if gap <= 1 else 'not met'}.")
+            gap0 = 100 * (dense["accuracy"] - ft[default[0]]["accuracy"])
+            lines.append(f"- Target 'within 1 point after a 1-epoch fine-tune': {gap0:+.1f} points below the original "
+                         f"dense model -> {'met' if gap0 <= 1 else 'not met'}; {gap:+.1f} points below the dense "
+                         f"model fine-tuned for the same extra epoch -> {'met' if gap <= 1 else 'not met'}.")
     peer = _json(results_dir, "peer_torch_pruning")
     if peer and peer.get("records"):
         for b in sorted({(r["ffn_keep"], r["head_keep"]) for r in peer["records"]}):

@@ -7,6 +7,7 @@ pruned), FLOPs. Rules are ranked by KL (accuracy on 800 sentences cannot separat
 
     python benchmarks/selection_rules.py                 # full grid (~40 min on 2 cores), resumable
     python benchmarks/selection_rules.py --finetune-only # only the fine-tune comparison
+    python benchmarks/selection_rules.py --report-only   # rewrite the markdown from the JSON
     python benchmarks/selection_rules.py --tiny --output-dir /tmp/x
 """
 
@@ -243,8 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--finetune-only", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.report_only:
+        import json
+
+        results = common.Results.__new__(common.Results)
+        results.path = args.output_dir / f"{NAME}.json"
+        results.data = json.loads(results.path.read_text())
+        text = report(results, results.data["meta"]["dense"])
+        common.write_fragment(args.output_dir, NAME, text)
+        print(text)
+        return 0
     task = common.load_task(tiny=args.tiny, work_dir=args.output_dir)
     results = common.Results(args.output_dir, NAME, {"tiny": args.tiny, "calibration_size": len(task.calibration),
                                                      "dense": task.dense_metrics}, resume=not args.fresh)
