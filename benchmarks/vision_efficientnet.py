@@ -7,7 +7,7 @@ The dense model is timm ``tf_efficientnet_lite0`` with the ImageNet weights mapp
 channels of every inverted-residual block (``ffn_keep_ratio``, uniform); the ratio is chosen by bisection
 (``hf_ispasp.vision.ffn_ratio_for_flops``) to hit the requested fraction of dense FLOPs at 64 px.
 
-    python benchmarks/vision_efficientnet.py                 # full run (~30 min on 2 busy cores)
+    python benchmarks/vision_efficientnet.py                 # full run (~30 min on 2 busy cores; the dense fine-tune adds ~20 min once)
     python benchmarks/vision_efficientnet.py --dense-only    # only fine-tune and cache the dense model
     python benchmarks/vision_efficientnet.py --tiny          # seconds: random weights, a few images
 """
@@ -46,7 +46,7 @@ def parse_args():
     parser.add_argument("--test-images", type=int, default=5_000)
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--flops-fraction", type=float, default=0.7)
-    parser.add_argument("--finetune-steps", type=int, default=150, help="steps (batch 64) after pruning")
+    parser.add_argument("--finetune-steps", type=int, default=60, help="steps (batch 64) after pruning")
     parser.add_argument("--dense-only", action="store_true")
     return parser.parse_args()
 
