@@ -40,7 +40,8 @@ def finetune(model, task, distillation: DistillationArguments | None, args) -> t
             disable_tqdm=True, max_steps=4 if task.tiny else -1,
         )
         trainer = DistillationTrainer(
-            model=model, args=training, train_dataset=task.train, data_collator=DataCollatorWithPadding(task.tokenizer),
+            model=model, args=training, train_dataset=task.train,
+            data_collator=DataCollatorWithPadding(task.tokenizer),
             teacher_model=task.model if distillation else None, distillation=distillation,
         )
         start = time.perf_counter()

@@ -216,7 +216,8 @@ def main() -> None:
         model = trainer.model
         save_pruned(model, training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
-        summary = {"num_processes": trainer.accelerator.num_processes, "metrics": metrics, "pruning": report.to_dict(), "widths": model.config.ispasp["widths"]}
+        summary = {"num_processes": trainer.accelerator.num_processes, "metrics": metrics,
+                   "pruning": report.to_dict(), "widths": model.config.ispasp["widths"]}
         with open(os.path.join(training_args.output_dir, "pruning_results.json"), "w") as f:
             json.dump(summary, f, indent=2)
         if prune_args.model_card:

@@ -127,8 +127,8 @@ class DistillationTrainer(Trainer):
 
     Evaluation reports the plain task loss (``eval_loss`` stays comparable with and without distillation);
     ``compute_metrics``, checkpoints and ``resume_from_checkpoint`` are the ``Trainer``'s own. The teacher is
-    frozen (run under ``no_grad``), kept in eval mode on the training device, never wrapped for distribution and never saved. With
-    ``distill_weight == hidden_weight == 0`` (or no teacher) this is exactly ``Trainer``.
+    frozen (run under ``no_grad``), kept in eval mode on the training device, never wrapped for distribution
+    and never saved. With ``distill_weight == hidden_weight == 0`` (or no teacher) this is exactly ``Trainer``.
 
     Args:
         model: The (pruned) student.
@@ -367,9 +367,9 @@ def pruning_model_card(
         for name, values in metrics.items():
             row = [_fmt(values.get(k)) for k in _metric_names(metrics)]
             lines.append(f"| {name} | " + " | ".join(row) + " |")
-    lines += ["", "## Loading", "", "The checkpoint has compacted shapes; load it with hf_ispasp, which rebuilds them:",
-              "", "```python", "from hf_ispasp import load_pruned", "", 'model = load_pruned("path/or/hub-id")',
-              "```"]
+    lines += ["", "## Loading", "",
+              "The checkpoint has compacted shapes; load it with hf_ispasp, which rebuilds them:", "",
+              "```python", "from hf_ispasp import load_pruned", "", 'model = load_pruned("path/or/hub-id")', "```"]
     if extra:
         lines += ["", extra]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]

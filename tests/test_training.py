@@ -173,7 +173,8 @@ def test_resume_from_checkpoint_of_a_compacted_model(tmp_path):
 
 
 def test_schedule_ratios_compound_to_the_final_budget():
-    config = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.5, round_to=4, layer_overrides={1: {"ffn_keep_ratio": 0.6}})
+    config = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.5, round_to=4,
+                          layer_overrides={1: {"ffn_keep_ratio": 0.6}})
     original = {(0, "ffn"): 37, (0, "heads"): 12, (1, "ffn"): 37, (1, "heads"): 12}
     current = dict(original)
     from hf_ispasp.pruner import kept_count
