@@ -6,8 +6,9 @@ or dropped: accelerate's default ``even_batches=True`` pads the last round by re
 change the statistics, so it is turned off here. :class:`~hf_ispasp.ISpaSPPruner` sums the statistics
 (count, column sums, Gram) across processes with ``Accelerator.reduce`` before every selection, so all
 processes select the same groups as one process on the whole data. Keeping the batch composition equal to
-the single-process run also keeps every per-batch product bit-identical; only the order of the float64 sums
-across processes differs.
+the single-process run also keeps every per-batch product bit-identical (with the same number of threads:
+float32 CPU kernels round differently with another thread count); only the order of the float64 sums across
+processes differs.
 """
 
 from __future__ import annotations
