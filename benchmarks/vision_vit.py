@@ -30,13 +30,13 @@ NAME = "vision_vit"
 
 def parse_args():
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=20_000)
+    parser.add_argument("--train-images", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--test-images", type=int, default=5_000)
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--ffn-keep-ratio", type=float, default=0.5)
     parser.add_argument("--head-keep-ratio", type=float, default=0.5)
-    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=60)
     return parser.parse_args()
 
 
