@@ -86,11 +86,15 @@ def test_text_classification_plain_python(tiny_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_text_classification_accelerate_two_processes_iterative(tiny_setup, tmp_path):
+@pytest.mark.parametrize("launch", ["accelerate", "torchrun"])
+def test_text_classification_two_processes_iterative(tiny_setup, tmp_path, launch):
     out = tmp_path / "out"
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29741"]
+    bindir = Path(sys.executable).parent
+    if launch == "accelerate":
+        launcher = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                    "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29741"]
+    else:
+        launcher = [str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29742"]
     cmd = [*launcher, str(SCRIPT), *_args(tiny_setup, out, "--distill_weight", "0.5", "--hidden_weight", "0.1",
                                           "--iterative_steps", "2", "--iterative_max_steps", "1")]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
