@@ -94,6 +94,7 @@ class _Problem:
     """The quadratic forms of one block, precomputed once per selection."""
 
     def __init__(self, stats: BlockStatistics, weight: torch.Tensor, group_size: int) -> None:
+        self.stats = stats
         self.group_size = group_size
         self.weight = weight.detach().to(device="cpu", dtype=torch.float64)
         self.gram = stats.gram
@@ -149,6 +150,52 @@ class _Problem:
             support = torch.cat([support[:drop], support[drop + 1 :]])
         return support
 
+    def refit_threshold(
+        self, merged: torch.Tensor, keep: int, centered: bool, damping: float
+    ) -> tuple[torch.Tensor, float]:
+        """Backward elimination on the merged support scored by the residual *after* the least-squares re-fit.
+
+        Removing group ``j`` from a support with inverse covariance ``P`` and re-fitted coefficients ``Z = P Q``
+        (``Q`` = cross-covariance with the dense output) costs ``tr(Z_j^T P_jj^{-1} Z_j)`` (the structured
+        Optimal Brain Surgeon step); ``P`` and ``Z`` are then downdated in closed form. Groups leave in chunks so
+        the work is matrix-matrix. Returns the support and its residual after re-fit (summed over tokens).
+        """
+        g, n = self.group_size, max(float(self.stats.count), 1.0)
+        mean = self.total / n
+        cov = self.gram / n
+        if centered:
+            cov = cov - torch.outer(mean, mean)
+        support = torch.sort(merged).values
+        cols = group_columns(support, g)
+        c_ss = cov[cols][:, cols]
+        ridge = damping * float(torch.diagonal(c_ss).mean().clamp_min(0)) + 1e-12
+        inv = torch.linalg.inv(c_ss + ridge * torch.eye(len(cols), dtype=torch.float64))
+        cross = cov[cols] @ self.weight.T  # Q: (m g) x d
+        coef = inv @ cross  # Z
+        kept = support
+        chunk = max(1, (len(support) - keep) // 16)  # 16 downdates: matrix-matrix work, near-greedy quality
+        while len(kept) > keep:
+            m = len(kept)
+            zb = coef.reshape(m, g, -1)
+            if g == 1:
+                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv).clamp_min(1e-300)
+            else:
+                pb = torch.diagonal(inv.reshape(m, g, m, g), dim1=0, dim2=2).permute(2, 0, 1)
+                cost = (zb * torch.linalg.solve(pb, zb)).sum((1, 2))
+            order = torch.argsort(cost, stable=True)
+            drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
+            idx, rest = group_columns(drop, g), group_columns(stay, g)
+            p_rj = inv[rest][:, idx]
+            solved = torch.linalg.solve(inv[idx][:, idx], torch.cat([p_rj.T, coef[idx]], 1))
+            # Schur downdate onto the groups that stay (the matrices shrink as groups leave).
+            inv = inv[rest][:, rest] - p_rj @ solved[:, : len(rest)]
+            coef = coef[rest] - p_rj @ solved[:, len(rest) :]
+            cross = cross[rest]
+            kept = kept[stay]
+        explained = float((cross * coef).sum())
+        total = float((self.weight @ cov * self.weight).sum())
+        return kept, max(total - explained, 0.0) * n
+
 
 def select_groups(
     stats: BlockStatistics,
@@ -162,6 +209,8 @@ def select_groups(
     num_iterations: int = 20,
     weight_scores: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    centered: bool = True,
+    damping: float = 1e-4,
 ) -> SelectionResult:
     """Choose ``keep`` groups of a block.
 
@@ -173,10 +222,13 @@ def select_groups(
         selection: ``ispasp`` or a baseline (``random``, ``weight_magnitude``, ``activation``,
             ``output_energy``).
         proxy: ``sum`` (signed sum over samples, as the reference code) or ``l2`` over samples.
-        threshold: ``sum``, ``l2``, ``output`` (static scores) or ``residual`` (exact residual elimination).
+        threshold: ``sum``, ``l2``, ``output`` (static scores), ``residual`` (exact residual elimination) or
+            ``refit`` (elimination by the residual after the least-squares re-fit).
         num_iterations: Maximum iterations; stops when the support repeats.
         weight_scores: Per-group scores, required by ``weight_magnitude`` and ``taylor``.
         generator: Random generator for ``random``.
+        centered: The re-fit has a bias (use centred statistics); only for ``threshold="refit"``.
+        damping: Relative ridge of the re-fit; only for ``threshold="refit"``.
     """
     if stats.width % group_size:
         raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
@@ -199,26 +251,36 @@ def select_groups(
     elif selection == "output_energy":
         support = _topk_groups(problem.static_score("output"), keep)
     elif selection == "ispasp":
-        static = None if threshold == "residual" else problem.static_score(threshold)
+        static = None if threshold in ("residual", "refit") else problem.static_score(threshold)
         support = torch.zeros(0, dtype=torch.long)
         best, best_residual = support, float("inf")
+        previous = None
         for iterations in range(1, num_iterations + 1):  # noqa: B007 (reported after the loop)
             scores = problem.proxy(support, proxy)
             omega = _topk_groups(scores, min(2 * keep, n))
             merged = torch.zeros(n, dtype=torch.bool)
             merged[omega] = True
             merged[support] = True
-            if static is None:
-                new_support = problem.residual_threshold(torch.nonzero(merged).flatten(), keep)
+            if previous is not None and torch.equal(merged, previous):
+                break  # the threshold is a function of the merged set: the support cannot change any more
+            previous = merged
+            candidates = torch.nonzero(merged).flatten()
+            if threshold == "refit":
+                new_support, residual = problem.refit_threshold(candidates, keep, centered, damping)
+            elif threshold == "residual":
+                new_support = problem.residual_threshold(candidates, keep)
             else:
                 new_support = _topk_groups(static, keep, candidates=merged)
             new_support = torch.sort(new_support).values
-            residual = problem.residual(new_support)
+            if threshold != "refit":  # the re-fit threshold tracks the residual after re-fit instead
+                residual = problem.residual(new_support)
             history.append(residual)
+            # The costly re-fit threshold also halts once an iteration gains less than 1% of the residual.
+            significant = threshold != "refit" or residual < 0.99 * best_residual
             if residual < best_residual:
                 best, best_residual = new_support, residual
-            if torch.equal(new_support, support):
-                break
+            if torch.equal(new_support, support) or not significant:
+                break  # CoSaMP-style halting
             support = new_support
         support = best
     else:

@@ -224,6 +224,8 @@ class ISpaSPPruner:
             weight_scores=adapter.weight_scores(block) if config.selection == "weight_magnitude"
             else self._scores.get(block.name),
             generator=generator,
+            centered=bias is not None,
+            damping=config.refit_damping,
         )
         refit_rel = None
         fitted = None
