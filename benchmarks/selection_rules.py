@@ -36,10 +36,13 @@ RULES: dict[str, dict[str, Any]] = {
     "ispasp l2/output": {"selection": "ispasp", "proxy": "l2", "threshold": "output"},
     "ispasp l2/residual": {"selection": "ispasp", "proxy": "l2", "threshold": "residual"},
     "ispasp sum/residual": {"selection": "ispasp", "proxy": "sum", "threshold": "residual"},
+    "ispasp l2/refit": {"selection": "ispasp", "proxy": "l2", "threshold": "refit"},
 }
 BASELINES = ("random", "weight_magnitude", "activation", "taylor", "output_energy")
 MAIN_BUDGET = (0.5, 0.75)
-DEFAULT_RULE = ("ispasp l2/output", True)  # the engine's current default (PrunerConfig())
+# The engine default (PrunerConfig()) when the committed grid was measured; the lead has since made
+# threshold="refit" the default ("ispasp l2/refit" above), which the committed results do not cover yet.
+DEFAULT_RULE = ("ispasp l2/output", True)
 
 
 # Most informative budgets first, so that a run cut short still covers the extremes of the grid.
