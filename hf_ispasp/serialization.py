@@ -143,6 +143,27 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state, strict=False)
 
 
+def _to_module_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo transformers 5's save-time renaming to legacy names (e.g. ViT ``encoder.layer``) with its own mapping."""
+    expected = model.state_dict()
+    if set(state) <= set(expected):
+        return state
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        if converters:  # merges/splits of tensors: leave the keys for the strict check to report
+            return state
+        prefix = getattr(model, "base_model_prefix", None)
+        renamed = {rename_source_key(k, renamings, [], prefix, expected)[0]: v for k, v in state.items()}
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return state
+    return renamed if len(renamed) == len(state) else state
+
+
 def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """Load a checkpoint written from a pruned model, with its compacted shapes.
 
@@ -177,6 +198,7 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     state: dict[str, torch.Tensor] = {}
     for file in _state_dict_files(path):
         state.update(load_file(file))
+    state = _to_module_names(model, state)
     dtype = torch_dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model.to(dtype)
     load_state_dict_checked(model, state, path)

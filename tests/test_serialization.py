@@ -81,3 +81,21 @@ def test_save_is_atomic(pruned, tmp_path, monkeypatch):
     assert sorted(p.name for p in target.iterdir()) == before
     assert load_pruned(target) is not None
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folders left behind
+
+
+def test_plain_save_pretrained_of_vit_reloads(tmp_path):
+    """transformers 5 writes ViT weights under legacy names; load_pruned maps them back."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("vit", hidden_size=30, num_attention_heads=3, intermediate_size=37,
+                                  num_hidden_layers=2, image_size=32, patch_size=8, num_labels=3)
+    model = AutoModelForImageClassification.from_config(config).eval()
+    images = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    pruned = ISpaSPPruner(model, PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.6, show_progress=False)).prune(
+        images
+    )
+    pruned.save_pretrained(tmp_path)  # the ordinary call, default save_original_format
+    again = load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images[0]).logits, pruned(images[0]).logits)
