@@ -61,7 +61,8 @@ class PrunerConfig:
         layer_overrides: Per-layer keep ratios, e.g. `{0: {"ffn_keep_ratio": 0.8}}`.
         round_to: Round kept FFN widths to a multiple of this (e.g. 8) for fast kernels.
         calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
-        max_calibration_samples: Use at most this many calibration sequences (None: all).
+        max_calibration_samples: Use at most this many calibration sequences (None: all). Applied to the data
+            each process sees; under several processes cap before sharding (`hf_ispasp.distributed`).
         stats_dtype: Dtype of the per-batch statistic products (accumulation is always float64).
         activation_cache: Where layer inputs wait between layers: `disk` keeps memory flat in the number
             of calibration samples, `memory` is a little faster for small calibration sets.
