@@ -54,7 +54,7 @@ def summary(results_dir: Path) -> str:
     if rules and rules.get("records"):
         recs = rules["records"]
         dense = rules["meta"]["dense"]
-        default = ("ispasp l2/output", True)
+        default = ("ispasp l2/refit", True)
         budgets = sorted({(r["ffn_keep"], r["head_keep"]) for r in recs}, key=lambda b: (-b[0], -b[1]))
         wins, total = 0, 0
         for b in budgets:
@@ -64,7 +64,7 @@ def summary(results_dir: Path) -> str:
             if ours and base:
                 total += 1
                 wins += int(ours["kl"] < min(r["kl"] for r in base))
-        lines.append(f"- Current default (i-SpaSP, l2 proxy, output threshold, re-fit) has a lower KL than every "
+        lines.append(f"- Current default (i-SpaSP, l2 proxy, re-fit threshold, re-fit) has a lower KL than every "
                      f"baseline rule of the engine at {wins} of {total} budgets measured.")
         main = [r for r in recs if (r["ffn_keep"], r["head_keep"]) == (0.5, 0.75)]
         if main:

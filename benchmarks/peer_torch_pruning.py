@@ -28,7 +28,7 @@ from hf_ispasp import ISpaSPPruner, PrunerConfig  # noqa: E402
 
 NAME = "peer_torch_pruning"
 OURS = {
-    "hf_ispasp default (l2/output + re-fit)": {},
+    "hf_ispasp default (l2/refit + re-fit)": {},
     "hf_ispasp paper (sum/sum, no re-fit)": {"proxy": "sum", "threshold": "sum", "refit": False},
     "hf_ispasp taylor + re-fit": {"selection": "taylor"},
 }
