@@ -144,7 +144,7 @@ def main() -> None:
     ratio = ffn_ratio_for_flops(dense, args.flops_fraction, inputs=example)
     print(f"ffn_keep_ratio {ratio:.3f} gives ~{args.flops_fraction:.0%} of dense FLOPs")
     methods = {
-        "i-SpaSP (default: l2 proxy, output threshold, re-fit)": PrunerConfig(ffn_keep_ratio=ratio),
+        "i-SpaSP (l2 proxy, output threshold, re-fit)": PrunerConfig(ffn_keep_ratio=ratio, threshold="output"),
         "i-SpaSP (paper rules, no re-fit)": PrunerConfig(ffn_keep_ratio=ratio, proxy="sum", threshold="sum",
                                                          refit=False),
         "uniform weight magnitude": PrunerConfig(ffn_keep_ratio=ratio, selection="weight_magnitude", refit=False),

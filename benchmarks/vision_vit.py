@@ -96,7 +96,7 @@ def main() -> None:
     budget = {"ffn_keep_ratio": args.ffn_keep_ratio, "head_keep_ratio": args.head_keep_ratio,
               "show_progress": False, "activation_cache": "memory"}
     methods = {
-        "i-SpaSP (default)": PrunerConfig(**budget),
+        "i-SpaSP (l2 proxy, output threshold, re-fit)": PrunerConfig(threshold="output", **budget),
         "weight magnitude": PrunerConfig(selection="weight_magnitude", refit=False, **budget),
     }
     for method, config in methods.items():
