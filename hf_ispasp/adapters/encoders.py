@@ -30,8 +30,6 @@ class EncoderLayout:
     ffn_up: str
     ffn_down: str
     head_count_attr: str
-    config_heads: str
-    config_ffn: str
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -152,8 +150,6 @@ _BERT = EncoderLayout(
     ffn_up="intermediate.dense",
     ffn_down="output.dense",
     head_count_attr="num_attention_heads",
-    config_heads="num_attention_heads",
-    config_ffn="intermediate_size",
 )
 
 
@@ -176,6 +172,4 @@ class DistilBertAdapter(TransformerEncoderAdapter):
         ffn_up="ffn.lin1",
         ffn_down="ffn.lin2",
         head_count_attr="n_heads",
-        config_heads="n_heads",
-        config_ffn="hidden_dim",
     )

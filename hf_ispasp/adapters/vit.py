@@ -32,8 +32,6 @@ class ViTAdapter(TransformerEncoderAdapter):
         ffn_up="mlp.fc1",
         ffn_down="mlp.fc2",
         head_count_attr="num_attention_heads",
-        config_heads="num_attention_heads",
-        config_ffn="intermediate_size",
     )
 
     def head_dim(self, layer: int = 0) -> int:
