@@ -161,10 +161,7 @@ class _Problem:
         the work is matrix-matrix. Returns the support and its residual after re-fit (summed over tokens).
         """
         g, n = self.group_size, max(float(self.stats.count), 1.0)
-        mean = self.total / n
-        cov = self.gram / n
-        if centered:
-            cov = cov - torch.outer(mean, mean)
+        cov = _moments(self.stats, centered)[1]
         support = torch.sort(merged).values
         cols = group_columns(support, g)
         c_ss = cov[cols][:, cols]
@@ -291,6 +288,14 @@ def select_groups(
     return SelectionResult(support, residual, relative, iterations, history)
 
 
+def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and second moment per token (centred when the projection has a bias to absorb the mean)."""
+    n = max(float(stats.count), 1.0)
+    mean = stats.total / n
+    moment = stats.gram / n
+    return mean, (moment - torch.outer(mean, mean) if centered else moment)
+
+
 def refit_projection(
     stats: BlockStatistics,
     weight: torch.Tensor,
@@ -306,13 +311,9 @@ def refit_projection(
     """
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     cols = group_columns(groups, group_size)
-    n = float(stats.count)
-    if n <= 0:
+    if float(stats.count) <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
-    mean = stats.total / n
-    moment = stats.gram / n
-    if bias is not None:
-        moment = moment - torch.outer(mean, mean)
+    mean, moment = _moments(stats, centered=bias is not None)
     a = moment[cols][:, cols]
     ridge = damping * float(torch.diagonal(a).mean().clamp_min(0)) + 1e-12
     a = a + ridge * torch.eye(len(cols), dtype=torch.float64)

@@ -27,6 +27,7 @@ from .statistics import (
     capture_layer_inputs,
     collect_block_statistics,
     propagate,
+    to_device,
 )
 
 __all__ = ["BlockReport", "ISpaSPPruner", "PruningReport", "kept_count"]
@@ -131,7 +132,7 @@ class ISpaSPPruner:
         example = adapter.example_inputs()
         report.params_before = count_parameters(model)
         report.layer_params_before = count_parameters(list(adapter.layers()))
-        report.flops_before = count_flops(model, _to(example, device))
+        report.flops_before = count_flops(model, to_device(example, device))
         cache = ActivationCache(self.config.activation_cache)
         try:
             with torch.no_grad():
@@ -140,7 +141,7 @@ class ISpaSPPruner:
             cache.close()
         report.params_after = count_parameters(model)
         report.layer_params_after = count_parameters(list(adapter.layers()))
-        report.flops_after = count_flops(model, _to(example, device))
+        report.flops_after = count_flops(model, to_device(example, device))
         report.seconds = time.perf_counter() - start
         _record_metadata(model, adapter, self.config)
         model.train(was_training)
@@ -261,12 +262,6 @@ def _check_model(model: nn.Module) -> None:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device)
 
 
 def _record_metadata(model: nn.Module, adapter: ModelAdapter, config: PrunerConfig) -> None:

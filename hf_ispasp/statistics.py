@@ -134,7 +134,7 @@ class ActivationCache:
             self._items[index] = entry
             return
         path = os.path.join(self._dir, f"{index}.pt")
-        torch.save(_to_cpu(entry), path)
+        torch.save(to_device(entry, "cpu"), path)
         self._items[index] = path
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -154,19 +154,10 @@ class ActivationCache:
         self._items = []
 
 
-def _to_cpu(value: Any) -> Any:
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested dicts / lists / tuples (layer args and kwargs) to ``device``."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.detach().to(device)
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
