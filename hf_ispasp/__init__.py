@@ -17,11 +17,12 @@ from .adapters import (  # noqa: E402
 )
 from .config import PrunerConfig  # noqa: E402
 from .pruner import ISpaSPPruner, PruningReport  # noqa: E402
-from .serialization import CheckpointMismatchError, load_pruned, save_pruned  # noqa: E402
+from .serialization import CheckpointFolderError, CheckpointMismatchError, load_pruned, save_pruned  # noqa: E402
 from .statistics import CalibrationError  # noqa: E402
 
 __all__ = [
     "CalibrationError",
+    "CheckpointFolderError",
     "CheckpointMismatchError",
     "ISpaSPPruner",
     "ModelAdapter",

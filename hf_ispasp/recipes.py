@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .assets import cache_dir, minilm_path, polarity_dataset
-from .serialization import atomic_directory
+from .atomic import atomic_directory
 
 __all__ = [
     "calibration_loader",

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +20,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import adapter_for
+from .atomic import CheckpointFolderError, atomic_directory, readable_folder
 from .pruner import METADATA_KEY
 
 __all__ = [
+    "CheckpointFolderError",
     "CheckpointMismatchError",
     "atomic_directory",
     "load_pruned",
@@ -55,37 +56,34 @@ def register_format(
     _LOADERS.append((detect, load))
 
 
-def atomic_directory(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp_dir)`` and move the result to ``path`` in one rename; ``path`` is intact on failure."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, **kwargs: Any) -> None:
+    """Save a pruned model atomically (``save_pretrained`` for transformers models), losing nothing.
 
-
-def save_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> None:
-    """Save a pruned model atomically (``save_pretrained`` for transformers models).
+    Files already in ``path`` that no save of ours wrote are kept untouched; our own files are replaced one by
+    one, and an interrupt at any point leaves the old or the new checkpoint readable by :func:`load_pruned`
+    (see :mod:`hf_ispasp.atomic`).
 
     Args:
         model: A model returned by :meth:`ISpaSPPruner.prune`.
-        path: Output folder; replaced only once the new checkpoint is completely written.
+        path: Output folder (created if needed).
+        tokenizer: Optional tokenizer / processor saved into the same checkpoint (anything with
+            ``save_pretrained``), in the same atomic step.
         kwargs: Passed to ``save_pretrained``.
     """
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must have save_pretrained (a tokenizer or processor), got {type(tokenizer)}")
+
+    def with_tokenizer(save: Callable[[str], None]) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            save(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        return write
+
     for matches, save in _SAVERS:
         if matches(model):
-            atomic_directory(path, lambda tmp, save=save: save(model, tmp))
+            atomic_directory(path, with_tokenizer(lambda tmp, save=save: save(model, tmp)))
             return
     if not hasattr(model, "save_pretrained"):
         raise TypeError(
@@ -95,7 +93,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> Non
     # transformers 5 renames some weights back to their legacy names on save (e.g. ViT's `encoder.layer`);
     # load_pruned reads the file directly, so keep the names of the module tree.
     kwargs.setdefault("save_original_format", False)
-    atomic_directory(path, lambda tmp: model.save_pretrained(tmp, **kwargs))
+    atomic_directory(path, with_tokenizer(lambda tmp: model.save_pretrained(tmp, **kwargs)))
 
 
 def _state_dict_files(path: str) -> list[str]:
@@ -164,6 +162,21 @@ def _to_module_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return renamed if len(renamed) == len(state) else state
 
 
+def _resolve_local(path: str) -> str:
+    """A local folder (the complete one of an interrupted save), or ``path`` unchanged when it is a Hub id."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return readable_folder(expanded)
+    if os.path.exists(expanded):
+        raise NotADirectoryError(f"{path} is a file; load_pruned takes the folder written by save_pruned")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith("."):
+        raise FileNotFoundError(
+            f"no checkpoint folder at {path}: pass the folder written by save_pruned / save_pretrained, "
+            "or a Hub id such as 'user/model-pruned'"
+        )
+    return path
+
+
 def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """Load a checkpoint written from a pruned model, with its compacted shapes.
 
@@ -172,7 +185,7 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
         torch_dtype: Cast the loaded model to this dtype (default: the dtype of the stored weights).
         kwargs: Passed to ``AutoConfig.from_pretrained`` (e.g. ``revision``, ``token``).
     """
-    path = os.fspath(path)
+    path = _resolve_local(os.fspath(path))
     for detect, load in _LOADERS:
         if detect(path):
             return load(path, torch_dtype=torch_dtype)
@@ -180,7 +193,13 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load {path!r}: it is not a local folder, and as a Hub id it could not be read ({err}). "
+            "Pass the folder written by save_pruned / save_pretrained."
+        ) from err
     record = getattr(config, METADATA_KEY, None)
     if not isinstance(record, dict) or "widths" not in record:
         raise ValueError(

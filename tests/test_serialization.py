@@ -79,7 +79,8 @@ def test_save_is_atomic(pruned, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pruned(pruned, target)
     assert sorted(p.name for p in target.iterdir()) == before
-    assert load_pruned(target) is not None
+    batch = token_batches()[0]
+    torch.testing.assert_close(_logits(load_pruned(target), batch), _logits(pruned, batch), rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folders left behind
 
 
@@ -99,3 +100,118 @@ def test_plain_save_pretrained_of_vit_reloads(tmp_path):
     again = load_pruned(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(images[0]).logits, pruned(images[0]).logits)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_save_keeps_foreign_files_and_replaces_only_ours(pruned, tmp_path):
+    """Saving into a folder with the user's files keeps them byte for byte; a re-save drops only our stale files."""
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "my_data.csv").write_text("text,label\nhello,1\n")
+    (target / "train.py").write_text("print('mine')\n")
+    (target / "notes").mkdir()
+    (target / "notes" / "todo.txt").write_text("keep me")
+    save_pruned(pruned, target)
+    assert (target / "my_data.csv").read_text() == "text,label\nhello,1\n"
+    assert (target / "train.py").read_text() == "print('mine')\n"
+    assert (target / "notes" / "todo.txt").read_text() == "keep me"
+    batch = token_batches()[0]
+    torch.testing.assert_close(_logits(load_pruned(target), batch), _logits(pruned, batch), rtol=0, atol=0)
+    # A stale file of our previous save (e.g. an old tokenizer file) goes; the user's stay.
+    manifest = json.loads((target / ".hf_ispasp-manifest.json").read_text())
+    assert "config.json" in manifest["files"] and "my_data.csv" not in manifest["files"]
+    (target / "extra.json").write_text("{}")
+    manifest["files"].append("extra.json")
+    (target / ".hf_ispasp-manifest.json").write_text(json.dumps(manifest))
+    save_pruned(pruned, target)
+    assert not (target / "extra.json").exists()
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == [
+        "config.json", "model.safetensors", "my_data.csv", "notes", "train.py"]
+    assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no staging folder left behind
+
+
+def test_save_onto_a_file_is_a_clear_error(pruned, tmp_path):
+    from hf_ispasp import CheckpointFolderError
+
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"user data")
+    with pytest.raises(CheckpointFolderError, match="is an existing file, not a folder"):
+        save_pruned(pruned, target)
+    assert target.read_bytes() == b"user data"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+def test_save_refuses_foreign_weights_that_would_shadow_ours(pruned, tmp_path):
+    from hf_ispasp import CheckpointFolderError
+
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointFolderError, match="model.safetensors.index.json"):
+        save_pruned(pruned, target)
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors.index.json"]
+
+
+def test_interrupt_during_the_switch_leaves_a_readable_checkpoint(tmp_path, monkeypatch):
+    """Kill the save after each possible step: load_pruned always reads the old or the new checkpoint whole."""
+    import hf_ispasp.atomic as atomic
+
+    batch = token_batches()[0]
+    old = ISpaSPPruner(tiny_text_model("bert"), PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.6,
+                                                             show_progress=False)).prune(token_batches())
+    new = ISpaSPPruner(tiny_text_model("bert", seed=3), PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.3,
+                                                                     show_progress=False)).prune(token_batches())
+    old_logits, new_logits = _logits(old, batch), _logits(new, batch)
+    original = atomic._place
+    outcomes = set()
+    for fail_at in range(1, 4):  # config.json, model.safetensors, the manifest
+        target = tmp_path / f"ckpt{fail_at}"
+        save_pruned(old, target)
+        (target / "notes.txt").write_text("mine")
+        calls = {"n": 0}
+
+        def flaky(src, dst, fail_at=fail_at, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            original(src, dst)
+
+        monkeypatch.setattr(atomic, "_place", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            save_pruned(new, target)
+        monkeypatch.setattr(atomic, "_place", original)
+        logits = _logits(load_pruned(target), batch)
+        if torch.equal(logits, new_logits):
+            outcomes.add("new")
+        else:
+            torch.testing.assert_close(logits, old_logits, rtol=0, atol=0)
+            outcomes.add("old")
+        assert (target / "notes.txt").read_text() == "mine"
+        # The next save finishes (or redoes) the interrupted one and cleans up after it.
+        save_pruned(new, target)
+        torch.testing.assert_close(_logits(load_pruned(target), batch), new_logits, rtol=0, atol=0)
+        assert not (target / ".hf_ispasp-save.json").exists()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert outcomes == {"new"}  # every interrupt here falls after the journal: the staged checkpoint is read
+
+
+def test_save_pruned_with_tokenizer_is_one_checkpoint(pruned, tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    save_pruned(pruned, tmp_path / "ckpt", tokenizer=tokenizer)
+    files = json.loads((tmp_path / "ckpt" / ".hf_ispasp-manifest.json").read_text())["files"]
+    assert "tokenizer_config.json" in files and "model.safetensors" in files
+
+
+def test_load_pruned_of_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
+        load_pruned(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
+        load_pruned("./outputs/missing-model")
