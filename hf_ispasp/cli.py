@@ -38,6 +38,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         tokenize_dataset,
     )
 
+    _pruner_config(args)  # bad budgets and a cluttered output folder fail before minutes of work
+    _check_output_dir(args.output_dir, args.overwrite)
     torch.manual_seed(args.seed)
     path = finetuned_minilm_polarity(seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -47,7 +49,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     test = tokenize_dataset(data["test"], tokenizer)
     calib = calibration_loader(train, tokenizer, num_samples=args.calibration_samples, seed=args.seed)
 
-    config = PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
+    config = _pruner_config(args)
     pruner = ISpaSPPruner(dense, config)
     pruned = pruner.prune(calib)
     report = pruner.report
@@ -66,8 +68,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     lat32 = latency_ratio(dense, pruned, example32, repeats=max(3, args.latency_repeats // 5))
     flops_dense, flops_pruned = count_flops(dense, example1), count_flops(pruned, example1)
 
-    save_pruned(pruned, args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    save_pruned(pruned, args.output_dir, tokenizer=tokenizer)
     reloaded = load_pruned(args.output_dir)
     reload_logits = predict_logits(reloaded, test, tokenizer)
     torch.testing.assert_close(reload_logits, pruned_logits)
@@ -100,31 +101,127 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+class UsageError(ValueError):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+_DATA_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "parquet": "parquet"}
+
+
+def _check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse a folder holding files we did not write (they would sit beside the checkpoint) unless asked."""
+    from .atomic import foreign_files
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output-dir {path} is an existing file; pass a folder path")
+    foreign = foreign_files(path)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(
+            f"--output-dir {path} already holds files hf-ispasp did not write ({shown}); choose a new or empty "
+            "folder, or pass --overwrite to save beside them (they are kept either way)"
+        )
+
+
+def _load_checkpoint(path: str) -> tuple[Any, Any]:
+    """Tokenizer and model of ``path``, with the class its config names, so a task head is never dropped."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local) and (os.path.exists(local) or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"--model {path}: no such checkpoint folder; pass a folder with config.json or a Hub id")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path}: cannot read its config.json ({_one_line(err)}); pass a folder with "
+                         "config.json and weights, or a Hub id") from err
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if cls is None:
+        logger.warning("config.json of %s names no known architecture (%s); loading it as a base AutoModel",
+                       path, architectures)
+        cls = AutoModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--model {path}: no tokenizer could be loaded ({_one_line(err)}); save the tokenizer "
+                         "into the checkpoint folder (tokenizer.save_pretrained)") from err
+    return tokenizer, cls.from_pretrained(path)
+
+
+def _load_text(args: argparse.Namespace) -> Any:
+    """The calibration text as a ``datasets.Dataset`` with a checked text column."""
+    import datasets
+
+    data = args.data
+    if os.path.exists(data):
+        if os.path.isdir(data):
+            raise UsageError(f"--data {data} is a folder; pass a .csv/.json/.jsonl/.txt/.parquet file or a "
+                             "dataset name")
+        ext = os.path.splitext(data)[1].lstrip(".").lower()
+        if ext not in _DATA_BUILDERS:
+            raise UsageError(f"--data {data}: unsupported file type {ext!r}; use one of {sorted(_DATA_BUILDERS)}")
+        if os.path.getsize(data) == 0:
+            raise UsageError(f"--data {data} is empty; it needs at least one line of calibration text")
+        try:
+            raw = datasets.load_dataset(_DATA_BUILDERS[ext], data_files=data, split="train")
+        except Exception as err:  # datasets wraps parser errors in several types
+            raise UsageError(f"--data {data} could not be read as {ext} ({_one_line(err)})") from err
+    elif os.sep in data and os.path.splitext(data)[1]:
+        raise UsageError(f"--data {data}: no such file")
+    else:
+        try:
+            raw = datasets.load_dataset(data, split=args.split)
+        except Exception as err:
+            raise UsageError(f"--data {data}: not a local file, and loading it as a dataset failed "
+                             f"({_one_line(err)})") from err
+    if args.text_column not in raw.column_names:
+        raise UsageError(f"--data {data} has no column {args.text_column!r} (columns: {raw.column_names}); "
+                         "name the text column with --text-column")
+    if len(raw) == 0:
+        raise UsageError(f"--data {data} holds no rows; it needs calibration text")
+    return raw
+
+
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     """Prune any supported checkpoint on a tokenized text file or dataset and save it."""
-    import datasets
-    from transformers import AutoModel, AutoTokenizer
-
     from . import ISpaSPPruner, save_pruned
     from .recipes import calibration_loader, tokenize_dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModel.from_pretrained(args.model)
-    if os.path.exists(args.data):
-        ext = os.path.splitext(args.data)[1].lstrip(".")
-        builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
-        raw = datasets.load_dataset(builder, data_files=args.data, split="train")
-    else:
-        raw = datasets.load_dataset(args.data, split=args.split)
+    config = _pruner_config(args)
+    _check_output_dir(args.output_dir, args.overwrite)
+    tokenizer, model = _load_checkpoint(args.model)
+    raw = _load_text(args)
     tokenized = tokenize_dataset(raw, tokenizer, text_column=args.text_column)
-    config = PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
     pruner = ISpaSPPruner(model, config)
     pruned = pruner.prune(calibration_loader(tokenized, tokenizer, num_samples=args.calibration_samples))
-    save_pruned(pruned, args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    save_pruned(pruned, args.output_dir, tokenizer=tokenizer)
     print(pruner.report.to_markdown())
-    print(f"parameters {pruner.report.params_before} -> {pruner.report.params_after}; saved to {args.output_dir}")
+    print(f"{type(pruned).__name__}: parameters {pruner.report.params_before} -> {pruner.report.params_after}; "
+          f"saved to {args.output_dir}")
     return pruner.report.to_dict()
+
+
+def _pruner_config(args: argparse.Namespace) -> PrunerConfig:
+    try:
+        return PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err).replace("ffn_keep_ratio=", "--ffn-keep ").replace("head_keep_ratio=",
+                                                                                    "--head-keep ")) from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .adapters import UnsupportedModelError
+    from .atomic import CheckpointFolderError
+    from .serialization import CheckpointMismatchError
+    from .statistics import CalibrationError
+
+    return (UsageError, UnsupportedModelError, CalibrationError, CheckpointFolderError, CheckpointMismatchError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,10 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--split", default="train")
     prune.add_argument("--text-column", default="text")
     prune.add_argument("--output-dir", required=True)
+    for p in (demo, prune):
+        p.add_argument("--overwrite", action="store_true",
+                       help="save into an output folder that holds other files (they are kept, never deleted)")
     args = parser.parse_args(argv)
+    if args.calibration_samples < 1:
+        parser.error(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    result = run_demo(args) if args.command == "demo" else run_prune(args)
+    try:
+        result = run_demo(args) if args.command == "demo" else run_prune(args)
+    except _user_errors() as err:
+        print(f"hf-ispasp {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, default=str)
