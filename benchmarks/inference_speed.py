@@ -3,7 +3,8 @@
 Latency depends only on the compacted widths, not on which groups were kept, so the compacted model of
 each budget is built by slicing the dense model to the widths ``ISpaSPPruner`` produces (the adapter's
 ``apply_widths``); the prune itself is timed in ``pruning_speed.py``. Dense and compacted run interleaved
-in the same process (``hf_ispasp.metrics.latency_ratio``). When the speedup at FFN 0.5 / heads 0.75 is
+in the same process, call by call (``hf_ispasp.metrics.latency_ratio``: the speedup is the median of the
+per-pair ratios, with its inter-quartile range). When the speedup at FFN 0.5 / heads 0.75 is
 below 85% of the FLOPs reduction, a torch profile of both models says where the time goes.
 
     python benchmarks/inference_speed.py [--threads 1] [--tiny] [--output-dir DIR]
@@ -86,10 +87,12 @@ def run(task_model: Any, tiny: bool, results: common.Results, repeats: int) -> N
         record: dict[str, Any] = {"ffn_keep": ffn, "head_keep": heads, "flops_ratio": flops / dense_flops}
         for batch in (1, 32):
             reps = repeats if batch == 1 else max(2, repeats // 4)
-            base, cand, speedup = latency_ratio(dense, model, inputs[batch], repeats=reps, rounds=3)
-            record[f"b{batch}_dense_ms"] = 1000 * base
-            record[f"b{batch}_pruned_ms"] = 1000 * cand
-            record[f"b{batch}_speedup"] = speedup
+            lat = latency_ratio(dense, model, inputs[batch], repeats=reps, rounds=3)
+            record[f"b{batch}_dense_ms"] = 1000 * lat.baseline_s
+            record[f"b{batch}_pruned_ms"] = 1000 * lat.candidate_s
+            record[f"b{batch}_speedup"] = lat.speedup
+            for key in ("speedup_q25", "speedup_q75", "speedup_min", "speedup_max", "pairs"):
+                record[f"b{batch}_{key}"] = getattr(lat, key)
         record["throughput_dense_seq_s"] = 32 / (record["b32_dense_ms"] / 1000)
         record["throughput_pruned_seq_s"] = 32 / (record["b32_pruned_ms"] / 1000)
         record["flops_speedup"] = dense_flops / flops
@@ -106,12 +109,20 @@ def run(task_model: Any, tiny: bool, results: common.Results, repeats: int) -> N
                 results.set("profile_main_budget_batch1_ms", b1)
 
 
+def _speedup(record: dict[str, Any], batch: int) -> str:
+    """Median per-pair speedup and its inter-quartile range (records from before the IQR show the median only)."""
+    text = f"{record[f'b{batch}_speedup']:.2f}"
+    if f"b{batch}_speedup_q25" in record:
+        text += f" ({record[f'b{batch}_speedup_q25']:.2f}-{record[f'b{batch}_speedup_q75']:.2f})"
+    return text
+
+
 def report(results: common.Results) -> str:
     rows = [{
         "budget": f"{r['ffn_keep']}/{r['head_keep']}", "flops": f"{r['flops_ratio']:.3f}",
         "flops_speedup": f"{r['flops_speedup']:.2f}",
-        "b1": f"{r['b1_dense_ms']:.1f} → {r['b1_pruned_ms']:.1f}", "b1s": f"{r['b1_speedup']:.2f}",
-        "b32": f"{r['b32_dense_ms']:.0f} → {r['b32_pruned_ms']:.0f}", "b32s": f"{r['b32_speedup']:.2f}",
+        "b1": f"{r['b1_dense_ms']:.1f} → {r['b1_pruned_ms']:.1f}", "b1s": _speedup(r, 1),
+        "b32": f"{r['b32_dense_ms']:.0f} → {r['b32_pruned_ms']:.0f}", "b32s": _speedup(r, 32),
         "tput": f"{r['throughput_dense_seq_s']:.0f} → {r['throughput_pruned_seq_s']:.0f}",
         "frac": f"{100 * r['b32_speedup_over_flops_speedup']:.0f}%",
     } for r in results.records]
@@ -120,7 +131,8 @@ def report(results: common.Results) -> str:
         "## Inference speed of the compacted model (CPU)",
         "",
         f"MiniLM-L6 sequence classifier, sequence length {SEQ}, {meta.get('threads')} torch thread(s), dense and "
-        "compacted timed interleaved in the same process (median of 3 rounds of medians); the machine is "
+        "compacted timed interleaved call by call in the same process (which model goes first alternates); "
+        "speedup = median of the per-pair ratios (inter-quartile range in brackets); the machine is "
         "shared with other jobs, so only the ratios mean something. FLOPs per sequence from torch's "
         "FlopCounterMode. 'of FLOPs' = measured batch-32 speedup / FLOPs speedup (target: >= 85% at 0.5/0.75).",
         "",

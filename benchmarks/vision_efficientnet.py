@@ -191,9 +191,11 @@ def measure(args, dense, ratio, calib):
         d = copy.deepcopy(dense).to(memory_format=memory_format)
         p = copy.deepcopy(pruned).to(memory_format=memory_format)
         x = batch.contiguous(memory_format=memory_format)
-        base_s, cand_s, speedup = latency_ratio(d, p, x, repeats=3 if args.tiny else 10)
-        latency[fmt] = {"dense_s": base_s, "pruned_s": cand_s, "speedup": speedup}
-        print(f"latency {fmt}: dense {base_s * 1e3:.1f} ms, pruned {cand_s * 1e3:.1f} ms (x{speedup:.2f})")
+        lat = latency_ratio(d, p, x, repeats=3 if args.tiny else 10)
+        latency[fmt] = {"dense_s": lat.baseline_s, "pruned_s": lat.candidate_s, "speedup": lat.speedup,
+                        "speedup_q25": lat.speedup_q25, "speedup_q75": lat.speedup_q75, "pairs": lat.pairs}
+        print(f"latency {fmt}: dense {lat.baseline_s * 1e3:.1f} ms, pruned {lat.candidate_s * 1e3:.1f} ms "
+              f"(x{lat.speedup:.2f}, IQR {lat.speedup_q25:.2f}-{lat.speedup_q75:.2f})")
     return latency
 
 

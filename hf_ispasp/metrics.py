@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_parameters", "latency_ratio", "measure_latency"]
+__all__ = ["LatencyComparison", "count_flops", "count_parameters", "latency_ratio", "measure_latency"]
 
 
 def count_parameters(module: nn.Module | list[nn.Module]) -> int:
@@ -48,34 +49,105 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds per forward pass."""
+def measure_latency(
+    model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median seconds per forward pass (``clock`` is injectable so tests need not time anything)."""
     model.eval()
     for _ in range(warmup):
         _call(model, inputs)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        _call(model, inputs)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        times.append(_timed_call(model, inputs, clock))
+    return _quantile(sorted(times), 0.5)
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Dense-vs-pruned latency from interleaved pairs of calls.
+
+    ``speedup`` is the median of the per-pair ratios ``baseline / candidate``: a burst of load that hits a few
+    calls changes a few pairs, not the median. ``speedup_q25``/``speedup_q75`` (inter-quartile range) and
+    ``speedup_min``/``speedup_max`` say how much the pairs disagree. ``baseline_s``/``candidate_s`` are the
+    medians of each side's calls; their ratio lies in ``[speedup_min, speedup_max]`` but need not equal
+    ``speedup``. Unpacks as ``(baseline_s, candidate_s, speedup)``, the tuple ``latency_ratio`` used to return.
+    """
+
+    baseline_s: float
+    candidate_s: float
+    speedup: float
+    speedup_q25: float
+    speedup_q75: float
+    speedup_min: float
+    speedup_max: float
+    pairs: int
+
+    def __iter__(self) -> Iterator[float]:
+        return iter((self.baseline_s, self.candidate_s, self.speedup))
+
+    def __getitem__(self, index: int) -> float:
+        return (self.baseline_s, self.candidate_s, self.speedup)[index]
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 @torch.no_grad()
 def latency_ratio(
-    baseline: nn.Module, candidate: nn.Module, inputs: Any, repeats: int = 20, rounds: int = 3,
-    timer: Callable[[nn.Module, Any, int], float] = measure_latency,
-) -> tuple[float, float, float]:
-    """(baseline seconds, candidate seconds, speedup) measured interleaved in the same run.
+    baseline: nn.Module, candidate: nn.Module, inputs: Any, repeats: int = 20, rounds: int = 3, warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyComparison:
+    """Time ``baseline`` and ``candidate`` call by call, interleaved, and compare them pair by pair.
 
-    Interleaving rounds of both models, and taking the median of each, keeps machine noise from
-    landing on one side only.
+    ``repeats * rounds`` pairs are timed; within a pair the two calls run back to back, and which model goes
+    first alternates from pair to pair, so that load on a shared machine (which comes and goes on a scale of
+    seconds) falls on both sides alike and neither model always runs in the other's cache wake. Timing whole
+    rounds of one model and then of the other let a burst land on one side only (a 6.55x "speedup" measured
+    on a busy machine where 1.44x was true). The models' training flags are restored afterwards.
     """
-    base_times, cand_times = [], []
-    for _ in range(rounds):
-        base_times.append(timer(baseline, inputs, repeats))
-        cand_times.append(timer(candidate, inputs, repeats))
-    base = sorted(base_times)[len(base_times) // 2]
-    cand = sorted(cand_times)[len(cand_times) // 2]
-    return base, cand, base / cand
+    pairs = max(1, int(repeats) * max(1, int(rounds)))
+    modes = (baseline.training, candidate.training)
+    baseline.eval()
+    candidate.eval()
+    try:
+        for _ in range(warmup):
+            _call(baseline, inputs)
+            _call(candidate, inputs)
+        base_times, cand_times = [], []
+        for index in range(pairs):
+            if index % 2 == 0:
+                base_times.append(_timed_call(baseline, inputs, clock))
+                cand_times.append(_timed_call(candidate, inputs, clock))
+            else:
+                cand_times.append(_timed_call(candidate, inputs, clock))
+                base_times.append(_timed_call(baseline, inputs, clock))
+    finally:
+        baseline.train(modes[0])
+        candidate.train(modes[1])
+    ratios = sorted(b / max(c, 1e-12) for b, c in zip(base_times, cand_times, strict=True))
+    return LatencyComparison(
+        baseline_s=_quantile(sorted(base_times), 0.5),
+        candidate_s=_quantile(sorted(cand_times), 0.5),
+        speedup=_quantile(ratios, 0.5),
+        speedup_q25=_quantile(ratios, 0.25),
+        speedup_q75=_quantile(ratios, 0.75),
+        speedup_min=ratios[0],
+        speedup_max=ratios[-1],
+        pairs=pairs,
+    )
+
+
+def _timed_call(model: nn.Module, inputs: Any, clock: Callable[[], float]) -> float:
+    start = clock()
+    _call(model, inputs)
+    return clock() - start
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile of sorted ``values`` (numpy's default), so the median of 2k values is the
+    mean of the middle two."""
+    position = q * (len(values) - 1)
+    low = int(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
