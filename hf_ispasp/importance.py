@@ -54,9 +54,17 @@ def taylor_scores(
     captured: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple) -> None:
-            args[0].retain_grad()
-            captured[name] = args[0]
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            hidden = args[0]
+            if hidden.requires_grad:
+                captured[name] = hidden
+                return None
+            # Nothing upstream needs a gradient (a frozen model, or frozen earlier layers): dL/dH needs no
+            # parameter gradient, so make H a leaf that asks for one. Detaching cuts nothing, since no gradient
+            # could flow past H anyway; the model's own requires_grad flags are never touched.
+            hidden = hidden.detach().requires_grad_(True)
+            captured[name] = hidden
+            return (hidden, *args[1:])
 
         return hook
 
@@ -76,22 +84,22 @@ def taylor_scores(
                     )
                 args, kwargs, mask = adapter.prepare_batch(batch, device)
                 captured.clear()
-                model.zero_grad(set_to_none=True)
                 output = model(*args, **kwargs, labels=labels.to(device))
                 loss = getattr(output, "loss", None)
                 if loss is None:
                     raise ValueError(f"{type(model).__name__} returned no loss for labelled inputs; cannot use taylor")
-                loss.backward()
-                for block in blocks:
-                    hidden = captured.get(block.name)
-                    if hidden is None or hidden.grad is None:
-                        continue
-                    sums[block.name] += _per_sequence(adapter, block, (hidden * hidden.grad).detach(), mask)
+                hit = [b for b in blocks if b.name in captured]
+                # Gradients of the captured H only: parameters' .grad (and requires_grad) stay as they were.
+                grads = (torch.autograd.grad(loss, [captured[b.name] for b in hit], allow_unused=True)
+                         if hit and loss.requires_grad else [None] * len(hit))
+                for block, grad in zip(hit, grads, strict=True):
+                    if grad is not None:
+                        product = (captured[block.name] * grad).detach()
+                        sums[block.name] += _per_sequence(adapter, block, product, mask)
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        model.zero_grad(set_to_none=True)
         model.train(was_training)
     if seen == 0:
         raise ValueError("selection='taylor' got no calibration batches")

@@ -13,12 +13,25 @@ __all__ = ["group_columns", "slice_conv_in", "slice_conv_out", "slice_linear_in"
 
 def slice_linear_out(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep output features ``index`` (rows of the weight and the bias)."""
-    return prune_linear_layer(layer, index.to(layer.weight.device), dim=0).to(layer.weight.dtype)
+    return _keep_requires_grad(prune_linear_layer(layer, index.to(layer.weight.device), dim=0), layer)
 
 
 def slice_linear_in(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep input features ``index`` (columns of the weight); the bias is unchanged."""
-    return prune_linear_layer(layer, index.to(layer.weight.device), dim=1).to(layer.weight.dtype)
+    return _keep_requires_grad(prune_linear_layer(layer, index.to(layer.weight.device), dim=1), layer)
+
+
+def _keep_requires_grad(new: nn.Linear, old: nn.Linear) -> nn.Linear:
+    """Give the sliced layer the old dtype and the old parameters' ``requires_grad``.
+
+    ``prune_linear_layer`` builds fresh parameters with ``requires_grad=True``: a frozen (or partly frozen)
+    model would come back trainable, and an optimiser built from ``requires_grad`` would update it.
+    """
+    new = new.to(old.weight.dtype)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if new.bias is not None and old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    return new
 
 
 def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
