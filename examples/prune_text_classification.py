@@ -63,7 +63,7 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Label column."})
     validation_split_name: str = field(default="validation", metadata={"help": "Evaluation split name."})
     validation_split_percentage: int = field(
-        default=10, metadata={"help": "Held-out % of train when there is no evaluation split."}
+        default=10, metadata={"help": "Held-out %% of train when there is no evaluation split."}
     )
     max_seq_length: int = field(default=128, metadata={"help": "Truncate sequences to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
@@ -118,13 +118,14 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": metrics["accuracy"], "accuracy_stderr": metrics["accuracy_stderr"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ModelArguments, DataArguments, PruningArguments, DistillationArguments,
                                TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, prune_args, distill_args, training_args = parser.parse_json_file(sys.argv[1])
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, prune_args, distill_args, training_args = parser.parse_json_file(argv[0])
     else:
-        model_args, data_args, prune_args, distill_args, training_args = parser.parse_args_into_dataclasses()
+        model_args, data_args, prune_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO
                         if training_args.should_log else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)])
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
