@@ -107,12 +107,15 @@ def test_calibration_batch_size_does_not_change_the_selection(refit):
         torch.testing.assert_close(a(**small[0]).logits, b(**small[0]).logits, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("cache", ["disk", "memory"])
-def test_cache_modes_agree(batches, cache):
+@pytest.mark.parametrize("refit", [False, True])
+def test_cache_modes_agree(batches, refit):
+    """Layer inputs kept on disk and kept in memory give bit-identical pruned models."""
     model = tiny_text_model("bert")
-    a, _ = _prune(model, batches, activation_cache=cache)
-    b, _ = _prune(model, batches, activation_cache="memory")
-    _assert_same_state(a, b, rtol=0, atol=0)
+    disk, disk_pruner = _prune(model, batches, activation_cache="disk", refit=refit)
+    memory, memory_pruner = _prune(model, batches, activation_cache="memory", refit=refit)
+    assert _kept(disk_pruner) == _kept(memory_pruner)
+    assert disk_pruner.report.calibration_tokens == memory_pruner.report.calibration_tokens
+    _assert_same_state(disk, memory, rtol=0, atol=0)
 
 
 def test_budgets_overrides_and_rounding(batches):
