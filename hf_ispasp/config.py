@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,19 @@ def _check_ratio(name: str, value: Any) -> None:
             f"{name}={value!r} is out of range: a keep ratio is the fraction of groups to keep, 0 < ratio <= 1 "
             f"(1.0 keeps everything). Pass e.g. {name}=0.5."
         )
+
+
+def _plain(value: Any) -> Any:
+    """numpy / other numeric scalars as Python ``int`` / ``float`` (so checks and JSON treat them alike)."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if type(value).__name__ == "bool_":
+        return bool(value)
+    if isinstance(value, numbers.Integral) and type(value) is not int:
+        return int(value)
+    if isinstance(value, numbers.Real) and type(value) is not float and not isinstance(value, numbers.Integral):
+        return float(value)
+    return value
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -90,6 +104,18 @@ class PrunerConfig:
     show_progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
+        if isinstance(self.layer_overrides, dict):
+            self.layer_overrides = {
+                _plain(k): ({kk: _plain(v) for kk, v in vals.items()} if isinstance(vals, dict) else vals)
+                for k, vals in self.layer_overrides.items()
+            }
+        for name in ("refit", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63), e.g. seed=0.")
         _check_ratio("ffn_keep_ratio", self.ffn_keep_ratio)
         _check_ratio("head_keep_ratio", self.head_keep_ratio)
         iterations = self.num_iterations
@@ -100,16 +126,20 @@ class PrunerConfig:
         _check_choice("threshold", self.threshold, THRESHOLDS)
         _check_choice("stats_dtype", self.stats_dtype, STATS_DTYPES)
         _check_choice("activation_cache", self.activation_cache, CACHES)
-        if not (isinstance(self.refit_damping, (int, float)) and math.isfinite(self.refit_damping)) or (
+        damping = self.refit_damping
+        if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)) or (
             self.refit_damping < 0
         ):
             raise ValueError(f"refit_damping={self.refit_damping!r} must be a finite number >= 0.")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to={self.round_to!r} must be an integer >= 1 (1 disables rounding).")
-        if not isinstance(self.calibration_batch_size, int) or self.calibration_batch_size < 1:
+        if isinstance(self.calibration_batch_size, bool) or not isinstance(self.calibration_batch_size, int) or (
+            self.calibration_batch_size < 1
+        ):
             raise ValueError(f"calibration_batch_size={self.calibration_batch_size!r} must be an integer >= 1.")
         if self.max_calibration_samples is not None and (
-            not isinstance(self.max_calibration_samples, int) or self.max_calibration_samples < 1
+            isinstance(self.max_calibration_samples, bool) or not isinstance(self.max_calibration_samples, int)
+            or self.max_calibration_samples < 1
         ):
             raise ValueError(f"max_calibration_samples={self.max_calibration_samples!r} must be None or >= 1.")
         if not isinstance(self.layer_overrides, dict):

@@ -122,6 +122,7 @@ class ISpaSPPruner:
                 ignored; padding tokens (``attention_mask == 0``) never enter the statistics.
         """
         _check_model(self.model)
+        _check_overrides(self.config, adapter_for(self.model))
         start = time.perf_counter()
         model = copy.deepcopy(self.model)
         was_training = model.training
@@ -258,6 +259,17 @@ def _check_model(model: nn.Module) -> None:
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise ValueError(f"the model has NaN/inf weights in {bad[:5]}; it cannot be calibrated")
+
+
+def _check_overrides(config: PrunerConfig, adapter: ModelAdapter) -> None:
+    """A ``layer_overrides`` index the model does not have is a mistake, not something to ignore."""
+    num_layers = len(adapter.layers())
+    beyond = sorted(layer for layer in config.layer_overrides if layer >= num_layers)
+    if beyond:
+        raise ValueError(
+            f"layer_overrides names layer(s) {beyond}, but the model has {num_layers} prunable layers "
+            f"(indices 0..{num_layers - 1}); fix the indices in PrunerConfig(layer_overrides=...)"
+        )
 
 
 def _device(model: nn.Module) -> torch.device:

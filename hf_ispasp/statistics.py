@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,7 +94,14 @@ def calibration_batches(
     is_dataset = hasattr(data, "column_names") or (
         isinstance(data, (list, tuple)) and len(data) > 0 and isinstance(data[0], Mapping) and _is_example(data[0])
     )
-    source = _dataset_batches(data, batch_size, pad_token_id) if is_dataset else iter(data)
+    if isinstance(data, Mapping):
+        raise CalibrationError(
+            "calibration data is a single dict (one batch or one tokenized example); wrap it in a list: "
+            "prune([batch])"
+        )
+    if isinstance(data, (str, bytes)):
+        raise CalibrationError("calibration data is a string; tokenize it first and pass a list of batches")
+    source = _dataset_batches(data, batch_size, pad_token_id) if is_dataset else _guarded(data)
     seen = 0
     for batch in source:
         if max_samples is not None and seen >= max_samples:
@@ -106,11 +114,38 @@ def calibration_batches(
         yield batch
 
 
+def _guarded(data: Iterable[Any]) -> Iterator[Any]:
+    """Iterate a user's loader; torch's default collate on unpadded token lists gets a hint instead of a raw error."""
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise CalibrationError(
+            f"calibration data of type {type(data).__name__} is not iterable; pass a DataLoader, a list of dict "
+            "batches or a tokenized datasets.Dataset"
+        ) from None
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "equal size" not in str(err) and "stack expects" not in str(err):
+                raise
+            raise CalibrationError(
+                f"the calibration DataLoader could not batch its examples ({err}); sequences of different lengths "
+                "need padding: DataLoader(dataset, collate_fn=DataCollatorWithPadding(tokenizer)), or pass the "
+                "tokenized Dataset itself"
+            ) from None
+        yield batch
+
+
 def _is_example(row: Mapping) -> bool:
     """A single example (1-D token ids) rather than a batch (2-D)."""
     ids = row.get("input_ids")
     if ids is None:
         return False
+    if isinstance(ids, (list, tuple)):  # ragged rows cannot become a tensor, but they are still a batch
+        return not (ids and isinstance(ids[0], (list, tuple, torch.Tensor, np.ndarray)))
     return torch.as_tensor(ids).dim() == 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class DistillationArguments:
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of hidden-state matching (0: off)."})
 
     def __post_init__(self) -> None:
+        for name in ("distill_weight", "temperature", "hidden_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a number, got {type(value).__name__}.")
+            setattr(self, name, float(value))
         if not (0.0 <= self.distill_weight <= 1.0):
             raise ValueError(f"distill_weight={self.distill_weight!r} must be in [0, 1] (0: task loss only).")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -7,6 +7,7 @@ nothing of the selection algorithm.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class PrunableBlock:
     group_size: int
     num_groups: int
 
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_REGISTRY: dict[str, type[ModelAdapter]] = {}
 
@@ -140,18 +143,82 @@ class ModelAdapter(ABC):
         kwargs: dict[str, Any] = {}
         for key in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
             if key in batch and batch[key] is not None:
-                value = torch.as_tensor(batch[key])
+                value = batch[key]
+                if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor) and (
+                    value[0].dim() == 1
+                ):
+                    raise ValueError(
+                        f"calibration batch '{key}' is a list of {len(value)} tensors, the shape torch's default "
+                        "collate gives a tokenized datasets.Dataset (one tensor per position); use "
+                        "collate_fn=DataCollatorWithPadding(tokenizer) in the DataLoader, or pass the Dataset itself"
+                    )
+                try:
+                    value = torch.as_tensor(value)
+                except (ValueError, TypeError, RuntimeError) as err:
+                    raise ValueError(
+                        f"calibration batch '{key}' cannot be made a tensor ({err}); sequences of different lengths "
+                        "must be padded: use collate_fn=DataCollatorWithPadding(tokenizer) or pass the Dataset itself"
+                    ) from None
                 kwargs[key] = value.to(device)
+        reference_key = "input_ids" if "input_ids" in kwargs else "inputs_embeds"
+        if reference_key not in kwargs:
+            raise ValueError(f"a calibration batch has input_ids=None (keys: {sorted(batch)})")
+        token_dims = 1 if reference_key == "input_ids" else 2
+        if kwargs[reference_key].dim() == token_dims:  # one unbatched sequence
+            kwargs = {k: v.unsqueeze(0) for k, v in kwargs.items()}
+        shape = tuple(kwargs[reference_key].shape[:2])
+        if kwargs[reference_key].dim() != token_dims + 1:
+            raise ValueError(
+                f"calibration '{reference_key}' has shape {tuple(kwargs[reference_key].shape)}; expected "
+                f"(batch, sequence{', hidden' if token_dims == 2 else ''})"
+            )
+        for key in ("attention_mask", "token_type_ids", "position_ids"):
+            if key in kwargs and tuple(kwargs[key].shape) != shape:
+                raise ValueError(
+                    f"calibration batch '{key}' has shape {tuple(kwargs[key].shape)} but {reference_key} has "
+                    f"{shape}; they must match (batch, sequence): pad them together, e.g. with "
+                    "DataCollatorWithPadding(tokenizer)"
+                )
         ids = kwargs.get("input_ids")
-        if ids is not None and (ids.is_floating_point() or ids.is_complex()):
+        if ids is not None and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
             raise TypeError(f"input_ids must be integer token ids, got dtype {ids.dtype}; did you pass embeddings?")
         mask = kwargs.get("attention_mask")
+        pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        if mask is None and ids is not None and pad is not None and bool((ids == pad).any()):
+            if not getattr(self, "_warned_mask", False):
+                logger.warning(
+                    "calibration batches have no attention_mask; treating token id %d (pad_token_id) as padding. "
+                    "Pass the tokenizer's attention_mask to make this explicit.", pad,
+                )
+                self._warned_mask = True
+            mask = (ids != pad).long()
+            kwargs["attention_mask"] = mask
         if mask is None:
             reference = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             mask = torch.ones(reference.shape[:2], dtype=torch.long, device=device)
         if not bool((mask != 0).any()):
             raise ValueError("a calibration batch has an all-zero attention_mask: it holds no real tokens")
+        if ids is not None:
+            kwargs["input_ids"] = self._checked_ids(ids, mask != 0, pad)
         return (), kwargs, mask != 0
+
+    def _checked_ids(self, ids: torch.Tensor, real: torch.Tensor, pad: int | None) -> torch.Tensor:
+        """Token ids inside the embedding table; ids under padding (e.g. -1 fill) become the pad id."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None) or getattr(self.model.config, "vocab_size", None)
+        if vocab is None:
+            return ids
+        outside = (ids < 0) | (ids >= vocab)
+        if not bool(outside.any()):
+            return ids
+        if bool((outside & real).any()):
+            bad = ids[outside & real]
+            raise ValueError(
+                f"calibration input_ids hold token ids outside the vocabulary (largest {int(bad.max())}, smallest "
+                f"{int(bad.min())}; the model has {vocab} embeddings, ids 0..{vocab - 1}); tokenize with this model's "
+                "tokenizer, and mark padding with attention_mask=0 rather than a -1 id"
+            )
+        return torch.where(outside, torch.full_like(ids, pad if pad is not None and 0 <= pad < vocab else 0), ids)
 
     def hidden_rows(self, block: PrunableBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Rows of ``H`` (positions x width) from the input of ``block.down``, padding removed."""
