@@ -72,5 +72,28 @@ def token_batches(
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and the suite shares a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_classifier(folder) -> None:
+    """A random 2-layer BERT sentence classifier with the (real) MiniLM tokenizer, saved to ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from hf_ispasp.assets import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture
 def batches() -> list[dict[str, torch.Tensor]]:
     return token_batches()

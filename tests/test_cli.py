@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_classifier
 
 from hf_ispasp import load_pruned
 from hf_ispasp.cli import main
@@ -16,17 +16,10 @@ from hf_ispasp.cli import main
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     """A random 2-layer BERT sentence classifier with the MiniLM tokenizer, and a csv of real sentences."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from hf_ispasp.assets import minilm_path, polarity_csv
+    from hf_ispasp.assets import polarity_csv
 
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_classifier(root / "model")
     with open(polarity_csv(), encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))[:40]
     with open(root / "data.csv", "w", newline="", encoding="utf-8") as f:

@@ -70,13 +70,7 @@ FAST_EXTRA_EXAMPLES = 3
 SLOW_EXAMPLES = 40  # per model, with shrinking: ~2 min of CPU on 2 cores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the suite shares a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registry_key_has_a_tiny_model():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "prune_text_classification.py"
@@ -21,17 +22,10 @@ SCRIPT = ROOT / "examples" / "prune_text_classification.py"
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A random 2-layer BERT classifier saved with the MiniLM tokenizer, and csv files of polarity sentences."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from hf_ispasp.assets import minilm_path, polarity_csv
+    from hf_ispasp.assets import polarity_csv
 
     root = tmp_path_factory.mktemp("examples")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_classifier(root / "model")
     with open(polarity_csv(), encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     # Both labels ("1" / "-1", raw values: the script maps them to ids), alternating, so that the train split

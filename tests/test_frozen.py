@@ -13,13 +13,7 @@ from hf_ispasp.importance import taylor_scores
 FACTORIES = tiny_factories()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the suite shares a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(model: torch.nn.Module) -> list:
