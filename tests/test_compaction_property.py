@@ -62,9 +62,11 @@ try:  # further timm variants: Bottleneck ResNet (two blocks per layer), MobileN
 except ImportError:
     EXTRA = {}
 
-# Tight float32 tolerances: compacted and masked models differ only in the summation order of the projections.
-RTOL = 1e-5
-ATOL = 1e-5
+# Float32 tolerances: compacted and masked models differ only in the summation order of the projections, which
+# 16 blocks of tf_efficientnet_lite0 with one kept channel amplify to ~2e-5 (slow run, seeded); a masking or slicing
+# bug moves the outputs by 1e-2 or more.
+RTOL = 1e-4
+ATOL = 1e-4
 FAST_EXAMPLES = 8  # per registry key: the non-slow tests take ~30 s of CPU (imports included) on 2 cores
 FAST_EXTRA_EXAMPLES = 3
 SLOW_EXAMPLES = 40  # per model, with shrinking: ~2 min of CPU on 2 cores
