@@ -31,6 +31,8 @@ from hf_ispasp import (
 )
 from hf_ispasp.training import DistillationArguments, iterative_prune
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core machine stalls 2 threads
+
 
 def _cfg(**kwargs) -> PrunerConfig:
     return PrunerConfig(**{"show_progress": False, "activation_cache": "memory", **kwargs})

@@ -12,6 +12,8 @@ from conftest import save_tiny_classifier
 from hf_ispasp import load_pruned
 from hf_ispasp.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core machine stalls 2 threads
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:

@@ -10,6 +10,8 @@ from conftest import tiny_text_model, token_batches
 
 from hf_ispasp import CheckpointMismatchError, ISpaSPPruner, PrunerConfig, load_pruned, save_pruned
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core machine stalls 2 threads
+
 
 @pytest.fixture
 def pruned():
