@@ -12,53 +12,94 @@ This module knows nothing of transformers or timm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
+    "REFIT_RIDGES",
     "BlockStatistics",
+    "RefitChoice",
     "SelectionResult",
     "group_columns",
     "refit_projection",
     "residual_after_refit",
     "select_groups",
+    "validate_refit",
 ]
 
 
 @dataclass
 class BlockStatistics:
-    """Streaming sums of a block's hidden representation; memory is O(width^2), not O(samples)."""
+    """Streaming sums of a block's hidden representation; memory is O(width^2), not O(samples).
+
+    Besides the totals, the sums over *fold 0* (the calibration sequences that hash to the first half, see
+    ``hf_ispasp.statistics``) are kept, so that the re-fit can be validated on held-out data: fold 1 is the
+    difference. That doubles the memory (2 x width^2), never more. Rows added without a fold are counted in
+    ``unassigned``; the halves are then unavailable.
+    """
 
     width: int
     count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     total: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    fold_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    fold_total: torch.Tensor | None = None
+    fold_gram: torch.Tensor | None = None
+    unassigned: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
     def __post_init__(self) -> None:
         if self.total is None:
             self.total = torch.zeros(self.width, dtype=torch.float64)
         if self.gram is None:
             self.gram = torch.zeros(self.width, self.width, dtype=torch.float64)
+        if self.fold_total is None:
+            self.fold_total = torch.zeros(self.width, dtype=torch.float64)
+        if self.fold_gram is None:
+            self.fold_gram = torch.zeros(self.width, self.width, dtype=torch.float64)
 
-    def update(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
-        """Add rows of ``hidden`` (tokens x width), already stripped of padding tokens."""
+    def update(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32, fold: int | None = None) -> None:
+        """Add rows of ``hidden`` (tokens x width), already stripped of padding tokens.
+
+        ``fold`` (0 or 1) says which half of the calibration data the rows belong to; ``None``: unknown.
+        """
         if hidden.shape[-1] != self.width:
             raise ValueError(f"hidden representation has width {hidden.shape[-1]}, statistics expect {self.width}")
+        if fold not in (None, 0, 1):
+            raise ValueError(f"fold must be 0, 1 or None, got {fold!r}")
         rows = hidden.reshape(-1, self.width).to(dtype)
         if rows.shape[0] == 0:
             return
         # Products in `dtype` (fast), accumulation across batches in float64 (order-robust).
+        total = rows.sum(0).to(torch.float64).cpu()
+        gram = (rows.T @ rows).to(torch.float64).cpu()
         self.count += rows.shape[0]
-        self.total += rows.sum(0).to(torch.float64).cpu()
-        self.gram += (rows.T @ rows).to(torch.float64).cpu()
+        self.total += total
+        self.gram += gram
+        if fold == 0:
+            self.fold_count += rows.shape[0]
+            self.fold_total += total
+            self.fold_gram += gram
+        elif fold is None:
+            self.unassigned += rows.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across processes."""
-        return [self.count, self.total, self.gram]
+        return [self.count, self.total, self.gram, self.fold_count, self.fold_total, self.fold_gram, self.unassigned]
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
+
+    def halves(self) -> tuple[BlockStatistics, BlockStatistics] | None:
+        """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown."""
+        if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
+            return None
+        first = BlockStatistics(self.width, self.fold_count.clone(), self.fold_total.clone(), self.fold_gram.clone())
+        second = BlockStatistics(
+            self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram
+        )
+        return first, second
 
 
 @dataclass
@@ -151,7 +192,7 @@ class _Problem:
         return support
 
     def refit_threshold(
-        self, merged: torch.Tensor, keep: int, centered: bool, damping: float
+        self, merged: torch.Tensor, keep: int, centered: bool, damping: float, anchored: bool = False
     ) -> tuple[torch.Tensor, float]:
         """Backward elimination on the merged support scored by the residual *after* the least-squares re-fit.
 
@@ -159,15 +200,24 @@ class _Problem:
         (``Q`` = cross-covariance with the dense output) costs ``tr(Z_j^T P_jj^{-1} Z_j)`` (the structured
         Optimal Brain Surgeon step); ``P`` and ``Z`` are then downdated in closed form. Groups leave in chunks so
         the work is matrix-matrix. Returns the support and its residual after re-fit (summed over tokens).
+
+        ``anchored``: the ridge pulls the re-fit towards the original columns ``W_S`` (see
+        :func:`refit_projection`). That is ordinary least squares on an augmented design (``sqrt(ridge) I`` rows
+        with targets ``sqrt(ridge) W``) whose objective also charges ``ridge ||W_j||^2`` for every dropped
+        group, so the same downdates apply and that charge is subtracted from the cost; the returned value is
+        the ridge objective ``||Y - H_S W'^T||^2 + ridge ||W' - W_S||^2`` (summed over tokens).
         """
         g, n = self.group_size, max(float(self.stats.count), 1.0)
         cov = _moments(self.stats, centered)[1]
         support = torch.sort(merged).values
         cols = group_columns(support, g)
         c_ss = cov[cols][:, cols]
-        ridge = damping * float(torch.diagonal(c_ss).mean().clamp_min(0)) + 1e-12
+        ridge = _ridge(cov, cols, damping, anchored)
         inv = torch.linalg.inv(c_ss + ridge * torch.eye(len(cols), dtype=torch.float64))
         cross = cov[cols] @ self.weight.T  # Q: (m g) x d
+        column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
+        if anchored:
+            cross = cross + ridge * self.weight[:, cols].T
         coef = inv @ cross  # Z
         kept = support
         chunk = max(1, (len(support) - keep) // 16)  # 16 downdates: matrix-matrix work, near-greedy quality
@@ -179,6 +229,8 @@ class _Problem:
             else:
                 pb = torch.diagonal(inv.reshape(m, g, m, g), dim1=0, dim2=2).permute(2, 0, 1)
                 cost = (zb * torch.linalg.solve(pb, zb)).sum((1, 2))
+            if anchored:  # the augmented objective charges ridge ||W_j||^2 for a dropped group; the true one not
+                cost = cost - ridge * _group_sum(column_sq[group_columns(kept, g)], g)
             order = torch.argsort(cost, stable=True)
             drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
             idx, rest = group_columns(drop, g), group_columns(stay, g)
@@ -191,7 +243,11 @@ class _Problem:
             kept = kept[stay]
         explained = float((cross * coef).sum())
         total = float((self.weight @ cov * self.weight).sum())
-        return kept, max(total - explained, 0.0) * n
+        if not anchored:
+            return kept, max(total - explained, 0.0) * n
+        dropped = float(column_sq.sum() - column_sq[group_columns(kept, g)].sum())
+        augmented = total + ridge * float(column_sq.sum())
+        return kept, max(augmented - explained - ridge * dropped, 0.0) * n
 
 
 def select_groups(
@@ -208,6 +264,7 @@ def select_groups(
     generator: torch.Generator | None = None,
     centered: bool = True,
     damping: float = 1e-4,
+    anchored: bool = False,
 ) -> SelectionResult:
     """Choose ``keep`` groups of a block.
 
@@ -226,6 +283,8 @@ def select_groups(
         generator: Random generator for ``random``.
         centered: The re-fit has a bias (use centred statistics); only for ``threshold="refit"``.
         damping: Relative ridge of the re-fit; only for ``threshold="refit"``.
+        anchored: The ridge pulls the re-fit towards the original columns instead of zero (see
+            :func:`refit_projection`); only for ``threshold="refit"``.
     """
     if stats.width % group_size:
         raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
@@ -263,7 +322,7 @@ def select_groups(
             previous = merged
             candidates = torch.nonzero(merged).flatten()
             if threshold == "refit":
-                new_support, residual = problem.refit_threshold(candidates, keep, centered, damping)
+                new_support, residual = problem.refit_threshold(candidates, keep, centered, damping, anchored)
             elif threshold == "residual":
                 new_support = problem.residual_threshold(candidates, keep)
             else:
@@ -283,7 +342,7 @@ def select_groups(
     else:
         raise ValueError(f"unknown selection rule {selection!r}")
     support = torch.sort(support).values
-    residual = problem.residual(support)
+    residual = max(problem.residual(support), 0.0)  # a quadratic form of PSD matrices: only rounding is negative
     relative = residual / problem.full_energy if problem.full_energy > 0 else 0.0
     return SelectionResult(support, residual, relative, iterations, history)
 
@@ -296,6 +355,17 @@ def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torc
     return mean, (moment - torch.outer(mean, mean) if centered else moment)
 
 
+def _ridge(moment: torch.Tensor, cols: torch.Tensor, damping: float, anchored: bool) -> float:
+    """Absolute ridge from a relative one.
+
+    Towards zero (the historical re-fit) it is relative to the mean variance of the kept columns; anchored, to
+    the mean variance of all the block's columns, so the threshold (whose candidate set changes) and the final
+    re-fit use one ridge for one block.
+    """
+    diagonal = torch.diagonal(moment) if anchored else torch.diagonal(moment)[cols]
+    return damping * float(diagonal.mean().clamp_min(0)) + 1e-12
+
+
 def refit_projection(
     stats: BlockStatistics,
     weight: torch.Tensor,
@@ -303,23 +373,30 @@ def refit_projection(
     groups: torch.Tensor,
     group_size: int,
     damping: float = 1e-4,
+    anchored: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares output projection on the kept groups: ``min ||H W^T + b - H_S W'^T - b'||``.
 
     With a bias the problem is solved on centred statistics (the bias absorbs the mean of the dropped
-    columns); without one, on raw second moments. Returns float64 ``(W', b')`` on the CPU.
+    columns); without one, on raw second moments. The ridge ``damping`` is relative (see :func:`_ridge`);
+    ``anchored`` pulls ``W'`` towards the original columns ``W_S`` rather than towards zero, so a large ridge
+    degrades gracefully to plain selection (``damping=inf``: ``W' = W_S``, only the bias is re-fitted) instead
+    of to a zero projection. Returns float64 ``(W', b')`` on the CPU.
     """
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     cols = group_columns(groups, group_size)
     if float(stats.count) <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
     mean, moment = _moments(stats, centered=bias is not None)
-    a = moment[cols][:, cols]
-    ridge = damping * float(torch.diagonal(a).mean().clamp_min(0)) + 1e-12
-    a = a + ridge * torch.eye(len(cols), dtype=torch.float64)
-    rhs = moment[cols] @ w.T  # (k x d)
-    new_t = torch.linalg.solve(a, rhs)
-    new_weight = new_t.T.contiguous()
+    if anchored and math.isinf(damping):
+        new_weight = w[:, cols].clone()
+    else:
+        ridge = _ridge(moment, cols, damping, anchored)
+        a = moment[cols][:, cols] + ridge * torch.eye(len(cols), dtype=torch.float64)
+        rhs = moment[cols] @ w.T  # (k x d)
+        if anchored:
+            rhs = rhs + ridge * w[:, cols].T
+        new_weight = torch.linalg.solve(a, rhs).T.contiguous()
     new_bias = None
     if bias is not None:
         b = bias.detach().to(device="cpu", dtype=torch.float64)
@@ -336,13 +413,121 @@ def residual_after_refit(
     new_weight: torch.Tensor,
     new_bias: torch.Tensor | None,
 ) -> float:
-    """``sum_b ||H_b W^T + b - H_{b,S} W'^T - b'||^2`` from the statistics."""
+    """``sum_b ||H_b W^T + b - H_{b,S} W'^T - b'||^2`` from the statistics (of any data: all, or one fold).
+
+    Computed as ``n (tr(D C D^T) + ||D mean + shift||^2)`` with the centred covariance ``C``: both terms are
+    non-negative in exact arithmetic and nothing large cancels (the raw form subtracts mean terms of the size
+    of the signal), so only rounding noise is clamped.
+    """
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     cols = group_columns(groups, group_size)
+    n = float(stats.count)
+    if n <= 0:
+        return 0.0
     diff = w.clone()
     diff[:, cols] -= new_weight.to(torch.float64)
     shift = torch.zeros(w.shape[0], dtype=torch.float64)
     if bias is not None and new_bias is not None:
         shift = bias.detach().to(device="cpu", dtype=torch.float64) - new_bias.to(torch.float64)
-    value = (diff @ stats.gram * diff).sum() + 2 * shift @ (diff @ stats.total) + float(stats.count) * shift @ shift
-    return float(value)
+    mean, cov = _moments(stats, centered=True)
+    spread = max(float((diff @ cov * diff).sum()), 0.0)
+    offset = float((diff @ mean + shift).pow(2).sum())
+    return n * (spread + offset)
+
+
+# Relative ridges tried by the held-out validation of the re-fit (anchored at the original columns, relative to
+# the mean variance of the block's columns, on the scale of the whole calibration set). 1e-4 is the historical
+# default; inf keeps W_S and re-fits only the bias.
+REFIT_RIDGES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, math.inf)
+
+
+@dataclass
+class RefitChoice:
+    """The re-fit of one block chosen on held-out data.
+
+    ``ridge`` is the relative ridge to re-fit with (``inf``: keep ``W_S``, re-fit the bias), or ``None`` when no
+    candidate beat plain selection on held-out data, or when the halves were unavailable (``validated`` False).
+    Residuals are summed over tokens: ``heldout`` of the choice, ``plain`` of no re-fit (which fits nothing, so
+    its held-out residual is its residual on all the data), ``scores`` per candidate ridge.
+    """
+
+    ridge: float | None
+    heldout: float
+    plain: float
+    scores: dict[float, float] = field(default_factory=dict)
+    validated: bool = True
+
+
+def validate_refit(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    group_size: int,
+    ridges: tuple[float, ...] = REFIT_RIDGES,
+) -> RefitChoice:
+    """Choose the re-fit ridge by 2-fold cross-validation on the two halves of the calibration statistics.
+
+    Fit on one half, measure the residual on the other, both ways; a ridge is kept only if its held-out residual
+    is below that of no re-fit. On fold ``f`` the ridge is scaled by ``n / n_f`` so that the value chosen
+    applies to the whole set (a fixed prior weighs more against fewer tokens). Small calibration sets (fewer
+    tokens than columns) make the plain least-squares re-fit interpolate the calibration tokens: its training
+    residual is then ~0 while held-out outputs are destroyed; this is the guard. Each fold costs one
+    eigendecomposition of the kept covariance; every ridge is then a few matrix products.
+    """
+    cols = group_columns(groups, group_size)
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    plain = residual_after_refit(stats, w, bias, groups, group_size, w[:, cols], bias)
+    halves = stats.halves()
+    if halves is None:
+        return RefitChoice(None, plain, plain, validated=False)
+    n = float(stats.count)
+    centered = bias is not None
+    moments = [(*_moments(half, centered), float(half.count)) for half in halves]
+    gram_w = w.T @ w  # tr(W C W^T) = sum(C * W^T W) for both folds
+    scores = dict.fromkeys(ridges, 0.0)
+    for fit, test in (moments, moments[::-1]):
+        for ridge, value in _fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit[2]).items():
+            scores[ridge] += value
+    best = min(scores, key=lambda r: scores[r])  # ties: the first (smallest) ridge of the grid
+    if scores[best] < plain:
+        return RefitChoice(best, scores[best], plain, scores)
+    return RefitChoice(None, plain, plain, scores)
+
+
+def _fold_scores(
+    fit: tuple[torch.Tensor, torch.Tensor, float], test: tuple[torch.Tensor, torch.Tensor, float], w: torch.Tensor,
+    gram_w: torch.Tensor, centered: bool, cols: torch.Tensor, ridges: tuple[float, ...], scale: float,
+) -> dict[float, float]:
+    """Residual on ``test`` of the anchored re-fit on ``fit`` (each: mean, covariance, count), for every ridge.
+
+    Same solution as :func:`refit_projection` (``anchored=True``, relative ridge times ``scale``), through one
+    eigendecomposition: with ``C_SS = U diag(e) U^T``, ``W'^T = U Z``, ``Z = (U^T C_S W^T + r U^T W_S^T) / (e + r)``.
+    The re-fitted bias makes the mean error on ``test`` ``D (mean_test - mean_fit)`` with ``D = W - W'``
+    (zero-padded), so the residual is ``n_test (tr(D C_test D^T) + ||D delta||^2)``, expanded in the kept
+    columns and evaluated in the eigenbasis (one k x k x d product per ridge).
+    """
+    mean_f, cov_f, _ = fit
+    mean_t, cov_t, count_t = test
+    delta = (mean_t - mean_f) if centered else torch.zeros_like(mean_t)
+    values, vectors = torch.linalg.eigh(cov_f[cols][:, cols])
+    values = values.clamp_min(0)
+    base = vectors.T @ (cov_f[cols] @ w.T)  # U^T C_S W^T  (k x d)
+    prior = vectors.T @ w[:, cols].T  # U^T W_S^T
+    total_t = float((cov_t * gram_w).sum())  # tr(W C_t W^T)
+    cross_t = vectors.T @ (cov_t[cols] @ w.T)  # U^T C_t[S, :] W^T
+    rotated_t = vectors.T @ cov_t[cols][:, cols] @ vectors  # U^T C_t,SS U
+    delta_s = vectors.T @ delta[cols]
+    w_delta = w @ delta
+    unit = float(torch.diagonal(cov_f).mean().clamp_min(0))
+    out = {}
+    for ridge in ridges:
+        if math.isinf(ridge):
+            z = prior
+        else:
+            r = ridge * scale * unit + 1e-12
+            z = (base + r * prior) / (values + r)[:, None]
+        spread = total_t - 2 * float((z * cross_t).sum()) + float(((rotated_t @ z) * z).sum())
+        offset = float((w_delta - z.T @ delta_s).pow(2).sum())
+        out[ridge] = count_t * (max(spread, 0.0) + offset)
+    return out

@@ -71,7 +71,16 @@ class PrunerConfig:
             elimination scored by the residual after the least-squares re-fit (structured OBS step).
         refit: Re-fit the output projection on the kept groups by (ridge) least squares from the
             calibration statistics, bias included.
-        refit_damping: Ridge term, relative to the mean variance of the kept hidden units.
+        refit_damping: Ridge term of the re-fit when `refit_validation=False`, relative to the mean variance of
+            the kept hidden units (pulls the re-fit towards zero). With validation (the default) it is one more
+            candidate of the held-out grid (`hf_ispasp.algorithm.REFIT_RIDGES`, then relative to the mean
+            variance of all the block's columns and pulling towards the original weights).
+        refit_validation: Choose the re-fit ridge by 2-fold cross-validation on two halves of the calibration
+            data (each sequence goes to a half by a hash of its content) and skip the re-fit of a block where no
+            ridge beats plain selection on held-out data. Without it, small calibration sets (fewer tokens than
+            a block has columns) make the least-squares re-fit interpolate them and destroy the model. The
+            `refit` threshold then uses the validated ridge, or the `residual` threshold where the re-fit does
+            not help. `False` restores the fixed-ridge re-fit of earlier versions.
         layer_overrides: Per-layer keep ratios, e.g. `{0: {"ffn_keep_ratio": 0.8}}`.
         round_to: Round kept FFN widths to a multiple of this (e.g. 8) for fast kernels.
         calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
@@ -92,6 +101,9 @@ class PrunerConfig:
     threshold: str = field(default="refit", metadata={"help": f"Support threshold score, one of {THRESHOLDS}."})
     refit: bool = field(default=True, metadata={"help": "Least-squares re-fit of the output projection."})
     refit_damping: float = field(default=1e-4, metadata={"help": "Relative ridge term of the re-fit."})
+    refit_validation: bool = field(
+        default=True, metadata={"help": "Choose the re-fit ridge (or no re-fit) on held-out calibration halves."}
+    )
     layer_overrides: dict[int, dict[str, float]] = field(
         default_factory=dict, metadata={"help": "Per-layer keep ratios: {layer: {'ffn_keep_ratio': r}}."}
     )
@@ -131,6 +143,8 @@ class PrunerConfig:
             self.refit_damping < 0
         ):
             raise ValueError(f"refit_damping={self.refit_damping!r} must be a finite number >= 0.")
+        if not isinstance(self.refit_validation, bool):
+            raise ValueError(f"refit_validation={self.refit_validation!r} must be True or False.")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to={self.round_to!r} must be an integer >= 1 (1 disables rounding).")
         if isinstance(self.calibration_batch_size, bool) or not isinstance(self.calibration_batch_size, int) or (

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +18,16 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import ModelAdapter, PrunableBlock, adapter_for
-from .algorithm import BlockStatistics, refit_projection, residual_after_refit, select_groups
+from .algorithm import (
+    REFIT_RIDGES,
+    BlockStatistics,
+    RefitChoice,
+    SelectionResult,
+    refit_projection,
+    residual_after_refit,
+    select_groups,
+    validate_refit,
+)
 from .config import PrunerConfig
 from .importance import taylor_scores
 from .metrics import count_flops, count_parameters
@@ -56,6 +66,10 @@ class BlockReport:
     relative_residual_refit: float | None
     iterations: int
     kept: list[int] = field(default_factory=list)
+    # Relative ridge of the installed re-fit (inf: only the bias was re-fitted; None: no re-fit), and the relative
+    # residual of the installed projection on held-out calibration data (2-fold; None when not validated).
+    refit_ridge: float | None = None
+    relative_residual_heldout: float | None = None
 
 
 @dataclass
@@ -171,7 +185,10 @@ class ISpaSPPruner:
         if config.selection == "taylor":  # scores of the dense model, before any block is compacted
             batches = list(batches)
             self._scores = taylor_scores(model, adapter, batches, device)
-        report.calibration_tokens = capture_layer_inputs(model, adapter, batches, cache, device)
+        self._warned: set[str] = set()
+        self._widest = max(((int(adapter.output_weight(b).shape[1]), b.name) for b in adapter.iter_blocks()),
+                           default=(0, ""))
+        report.calibration_tokens = capture_layer_inputs(model, adapter, batches, cache, device, seed=config.seed)
         report.calibration_batches = len(cache)
         layers = adapter.layers()
         num_blocks = sum(len(adapter.blocks(i)) for i in range(len(layers)))
@@ -214,40 +231,138 @@ class ISpaSPPruner:
         keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1)
         weight = adapter.output_weight(block)
         bias = adapter.output_bias(block)
-        result = select_groups(
+        pruning = keep < block.num_groups
+        uses_refit = config.refit or (config.threshold == "refit" and config.selection == "ispasp")
+        self._warn_small_calibration(block, stats)
+        validate = config.refit_validation and pruning and uses_refit
+        choice = None
+        if validate:
+            result, choice = self._validated_selection(adapter, block, stats, generator, keep, weight, bias)
+        else:
+            result = self._select(adapter, block, stats, generator, keep, weight, bias, config.threshold)
+        full = _output_energy(stats, weight, result)
+        refit_rel = heldout_rel = ridge = None
+        fitted = None
+        if config.refit and pruning:
+            ridge = choice.ridge if choice is not None else config.refit_damping
+            if ridge is not None:
+                fitted = refit_projection(stats, weight, bias, result.groups, block.group_size, ridge,
+                                          anchored=choice is not None)
+                after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
+                refit_rel = after / full if full > 0 else 0.0
+                if choice is None and after > result.residual:  # fixed ridge can, in degenerate cases, do worse
+                    fitted, refit_rel, ridge = None, result.relative_residual, None
+        if choice is not None and choice.validated and full > 0:
+            heldout_rel = (choice.heldout if fitted is not None else choice.plain) / full
+        if pruning:
+            adapter.compact(block, result.groups)
+            if fitted is not None:
+                adapter.set_output_projection(block, *fitted)
+        logger.debug("%s: kept %d/%d, relative residual %.4g, re-fit ridge %s", block.name, keep, block.num_groups,
+                     result.relative_residual, ridge)
+        return BlockReport(
+            block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
+            result.iterations, [int(g) for g in result.groups], ridge if fitted is not None else None, heldout_rel,
+        )
+
+    def _select(
+        self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
+        keep: int, weight: torch.Tensor, bias: torch.Tensor | None, threshold: str, damping: float | None = None,
+        anchored: bool = False,
+    ) -> SelectionResult:
+        config = self.config
+        return select_groups(
             stats,
             weight,
             block.group_size,
             keep,
             selection=config.selection,
             proxy=config.proxy,
-            threshold=config.threshold,
+            threshold=threshold,
             num_iterations=config.num_iterations,
             weight_scores=adapter.weight_scores(block) if config.selection == "weight_magnitude"
             else self._scores.get(block.name),
             generator=generator,
             centered=bias is not None,
-            damping=config.refit_damping,
+            damping=config.refit_damping if damping is None else damping,
+            anchored=anchored,
         )
-        refit_rel = None
-        fitted = None
-        if config.refit and keep < block.num_groups:
-            fitted = refit_projection(stats, weight, bias, result.groups, block.group_size, config.refit_damping)
-            after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
-            full = result.residual / result.relative_residual if result.relative_residual > 0 else 0.0
-            refit_rel = after / full if full > 0 else 0.0
-            if after > result.residual:  # ridge can, in degenerate cases, do worse than keeping W
-                fitted, refit_rel = None, result.relative_residual
-        if keep < block.num_groups:
-            adapter.compact(block, result.groups)
-            if fitted is not None:
-                adapter.set_output_projection(block, *fitted)
-        logger.debug("%s: kept %d/%d, relative residual %.4g", block.name, keep, block.num_groups,
-                     result.relative_residual)
-        return BlockReport(
-            block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
-            result.iterations, [int(g) for g in result.groups],
+
+    def _validated_selection(
+        self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
+        keep: int, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> tuple[SelectionResult, RefitChoice]:
+        """Selection and re-fit ridge chosen on held-out halves of the calibration data.
+
+        With the re-fit-aware threshold, the ridge is first validated on the support of the exact-residual
+        threshold (which needs no ridge); the re-fit threshold then runs with that ridge, and its support is kept
+        only if it does better on held-out data. Where no re-fit beats plain selection on held-out data, or the
+        halves are unavailable, the support is the exact-residual one and nothing is re-fitted.
+        """
+        config = self.config
+        ridges = tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)}))
+        g = block.group_size
+        refit_threshold = config.threshold == "refit" and config.selection == "ispasp"
+        threshold = "residual" if refit_threshold else config.threshold
+        result = self._select(adapter, block, stats, generator, keep, weight, bias, threshold)
+        choice = validate_refit(stats, weight, bias, result.groups, g, ridges)
+        if not choice.validated:
+            self._warn_unvalidated(block, stats)
+        if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
+            other = self._select(adapter, block, stats, generator, keep, weight, bias, "refit", choice.ridge, True)
+            other_choice = validate_refit(stats, weight, bias, other.groups, g, ridges)
+            # What is installed: the re-fit (held-out residual) or, with refit=False, plain selection.
+            if config.refit:
+                better = other_choice.ridge is not None and other_choice.heldout <= choice.heldout
+            else:
+                better = other_choice.plain <= choice.plain
+            if better:
+                result, choice = other, other_choice
+        return result, choice
+
+    def _warn_small_calibration(self, block: PrunableBlock, stats: BlockStatistics) -> None:
+        """Once per prune: fewer calibration tokens than a block has columns (the re-fit is underdetermined).
+
+        Checked per block (rows are summed over processes; a CNN block has one row per pixel position).
+        """
+        tokens, columns = int(stats.count), int(stats.width)
+        if tokens >= columns or "small" in self._warned:
+            return
+        self._warned.add("small")
+        widest = max(getattr(self, "_widest", (0, "")), (columns, block.name))
+        guard = (
+            "the re-fit is validated on held-out halves of the data and skipped where it does not help"
+            if self.config.refit_validation else "with refit_validation=False the re-fit will overfit them"
         )
+        logger.warning(
+            "i-SpaSP: the calibration data has %d tokens, fewer than the %d columns of %s (the widest block, %s, "
+            "has %d): the statistics are rank-deficient and a least-squares re-fit can interpolate the calibration "
+            "tokens (%s). Pass more calibration data (several times %d tokens).",
+            tokens, columns, block.name, widest[1], widest[0], guard, max(columns, widest[0]),
+        )
+
+    def _warn_unvalidated(self, block: PrunableBlock, stats: BlockStatistics) -> None:
+        """Once per prune: the re-fit could not be validated, so it is skipped."""
+        if "unvalidated" in self._warned:
+            return
+        self._warned.add("unvalidated")
+        if float(stats.unassigned) > 0:
+            why = f"the input of {block.name} does not keep the batch in dimension 0, so it cannot be split"
+        else:
+            why = (f"all {int(stats.count)} calibration tokens come from sequences of one half (e.g. a single "
+                   "sequence), so there is no held-out data")
+        logger.warning(
+            "i-SpaSP: the re-fit cannot be validated: %s. Blocks are pruned without re-fit (exact-residual "
+            "threshold). Pass more calibration data (at least a few distinct sequences, ideally hundreds).", why,
+        )
+
+
+def _output_energy(stats: BlockStatistics, weight: torch.Tensor, result: SelectionResult) -> float:
+    """``sum_b ||W H_b||^2``, the scale of the relative residuals."""
+    if result.relative_residual > 0:
+        return result.residual / result.relative_residual
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    return float((w @ stats.gram * w).sum())
 
 
 def _check_model(model: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -16,7 +17,7 @@ from torch import nn
 from .adapters.base import ModelAdapter, PrunableBlock
 from .algorithm import BlockStatistics
 
-__all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics"]
+__all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics", "sequence_folds"]
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
@@ -200,10 +201,45 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+def sequence_folds(args: tuple, kwargs: dict[str, Any], mask: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
+    """Fold (0 or 1) of every sequence of a batch, from a hash of its own content (padding removed).
+
+    The re-fit is validated on two halves of the calibration data. Hashing each sequence's token ids (or pixel
+    values) with the seed puts it in the same half whatever batch it is in, however the data is sharded across
+    processes and whatever the padding, so one and N processes validate on the same halves; duplicated
+    sequences land in the same half and cannot leak into the held-out one.
+    """
+    source = next((kwargs[k] for k in ("input_ids", "pixel_values", "inputs_embeds") if k in kwargs), None)
+    if source is None:
+        source = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if source is None:
+        raise CalibrationError("cannot identify the calibration sequences (no input_ids / pixel_values)")
+    source = source.detach().cpu()
+    source = source.to(torch.int64) if not source.is_floating_point() else source.to(torch.float32)
+    mask = mask.detach().cpu() if mask is not None else None
+    key = int(seed).to_bytes(8, "little", signed=True)
+    folds = []
+    for i in range(source.shape[0]):
+        row = source[i]
+        if mask is not None and row.dim() >= 1 and row.shape[0] == mask.shape[1]:
+            row = row[mask[i]]
+        digest = hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=8, key=key).digest()
+        folds.append(digest[0] & 1)
+    return torch.tensor(folds, dtype=torch.int8)
+
+
 def capture_layer_inputs(
-    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], cache: ActivationCache, device: torch.device
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: Iterable[Any],
+    cache: ActivationCache,
+    device: torch.device,
+    seed: int = 0,
 ) -> int:
-    """Run the model up to its first layer on every batch and cache that layer's inputs; returns tokens seen."""
+    """Run the model up to its first layer on every batch and cache that layer's inputs; returns tokens seen.
+
+    Each entry also records the validation fold of every sequence (:func:`sequence_folds`, seeded by ``seed``).
+    """
     first = adapter.layers()[0]
     captured: dict[str, Any] = {}
 
@@ -227,7 +263,8 @@ def capture_layer_inputs(
             if not torch.isfinite(hidden).all():
                 raise CalibrationError("the embeddings of a calibration batch are not finite (NaN/inf)")
             tokens += int(mask.sum()) if mask is not None else math.prod(hidden.shape[:-1])
-            cache.append({"args": captured["args"], "kwargs": captured["kwargs"], "mask": mask})
+            folds = sequence_folds(args, kwargs, mask, seed)
+            cache.append({"args": captured["args"], "kwargs": captured["kwargs"], "mask": mask, "folds": folds})
     finally:
         handle.remove()
     if len(cache) == 0:
@@ -246,22 +283,42 @@ def collect_block_statistics(
     dtype: torch.dtype,
     progress: Any = None,
 ) -> BlockStatistics:
-    """One pass of ``layer`` over the cached inputs, stopping at ``block.down``: accumulate ``n, sum H, H^T H``."""
+    """One pass of ``layer`` over the cached inputs, stopping at ``block.down``: accumulate ``n, sum H, H^T H``.
+
+    The sums are kept per validation fold as well: the sequences of each fold are sliced out of the batch
+    (dimension 0 of the block's input) before their rows are taken. A block whose input does not keep the batch
+    in dimension 0 has its rows counted as unassigned (the re-fit then cannot be validated).
+    """
     down = adapter.current_down(block)
     width = down.weight.shape[1] if isinstance(down, nn.Linear) else None
     state: dict[str, Any] = {}
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        rows = adapter.hidden_rows(block, args[0], state["mask"])
+    def add(rows: torch.Tensor, fold: int | None) -> None:
         if "stats" not in state:
             state["stats"] = BlockStatistics(width or rows.shape[-1])
-        state["stats"].update(rows, dtype)
+        state["stats"].update(rows, dtype, fold)
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        hidden, mask, folds = args[0], state["mask"], state["folds"]
+        if folds is None or hidden.dim() == 0 or hidden.shape[0] != folds.shape[0]:
+            add(adapter.hidden_rows(block, hidden, mask), None)
+            raise _StopForward
+        for fold in (0, 1):
+            chosen = folds == fold
+            if not bool(chosen.any()):
+                continue
+            if bool(chosen.all()):
+                add(adapter.hidden_rows(block, hidden, mask), fold)
+                continue
+            index = torch.nonzero(chosen).flatten().to(hidden.device)
+            part_mask = mask[index.to(mask.device)] if mask is not None else None
+            add(adapter.hidden_rows(block, hidden.index_select(0, index), part_mask), fold)
         raise _StopForward
 
     handle = down.register_forward_pre_hook(hook)
     try:
         for entry in cache:
-            state["mask"] = entry["mask"]
+            state["mask"], state["folds"] = entry["mask"], entry.get("folds")
             try:
                 layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device))
             except _StopForward:

@@ -1,0 +1,314 @@
+"""The re-fit protects itself on small calibration sets: its ridge (or no re-fit) is chosen on held-out halves.
+
+With fewer calibration tokens than a block has columns, the plain least-squares re-fit interpolates the
+calibration tokens (training residual ~0) and destroys held-out outputs. These tests prune tiny models on 1
+sequence / 1 token / a few tokens and compare, on separate held-out batches, with the *same* selection without
+re-fit; with many tokens the re-fit must still help.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_text_model, token_batches
+
+from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for
+from hf_ispasp.algorithm import (
+    REFIT_RIDGES,
+    BlockStatistics,
+    refit_projection,
+    residual_after_refit,
+    select_groups,
+    validate_refit,
+)
+from hf_ispasp.statistics import ActivationCache, capture_layer_inputs, collect_block_statistics, sequence_folds
+
+QUIET = {"show_progress": False, "activation_cache": "memory"}
+HELD_OUT = token_batches(num=64, batch_size=16, seed=11)
+
+
+def _prune(model, data, **kwargs):
+    pruner = ISpaSPPruner(model, PrunerConfig(**{**QUIET, "ffn_keep_ratio": 0.4, "head_keep_ratio": 0.67, **kwargs}))
+    return pruner.prune(data), pruner.report
+
+
+def _without_refit(dense, pruned):
+    """The pruned model with every output projection put back to the original columns and bias."""
+    import copy
+
+    plain = copy.deepcopy(pruned)
+    dense_adapter, plain_adapter = adapter_for(dense), adapter_for(plain)
+    for block in plain_adapter.iter_blocks():
+        original = next(b for b in dense_adapter.iter_blocks() if b.name == block.name)
+        kept = _kept_columns(dense_adapter, original, plain_adapter, block)
+        weight = dense_adapter.output_weight(original).detach()[:, kept]
+        plain_adapter.set_output_projection(block, weight, dense_adapter.output_bias(original).detach())
+    return plain
+
+
+def _kept_columns(dense_adapter, original, adapter, block):
+    """Columns of the dense projection that the pruned block kept, from the (never re-fitted) input side."""
+    layer_d, layer_p = dense_adapter.layers()[block.layer], adapter.layers()[block.layer]
+    if block.kind == "ffn":
+        rows_d, rows_p = layer_d.intermediate.dense.weight, layer_p.intermediate.dense.weight
+    else:
+        rows_d, rows_p = layer_d.attention.self.value.weight, layer_p.attention.self.value.weight
+    return torch.tensor([int((rows_d == row).all(-1).nonzero()[0]) for row in rows_p])
+
+
+def _block_outputs(model, batch) -> dict[str, torch.Tensor]:
+    """Output of every pruned block's projection (real tokens only) on one batch."""
+    adapter, outputs, handles = adapter_for(model), {}, []
+    mask = batch["attention_mask"].bool()
+    for block in adapter.iter_blocks():
+        def hook(module, args, out, name=block.name):
+            outputs[name] = out[mask]
+        handles.append(adapter.current_down(block).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def _heldout_error(dense, model) -> float:
+    """Relative error of the blocks' outputs on held-out batches, summed over blocks (each on its own path).
+
+    The final hidden states of a randomly initialised model barely move (the residual stream dominates), so
+    the blocks' own outputs are compared: what the re-fit changes.
+    """
+    num = den = 0.0
+    for batch in HELD_OUT:
+        ref, out = _block_outputs(dense, batch), _block_outputs(model, batch)
+        for name, y in ref.items():
+            num += float((out[name] - y).pow(2).sum())
+            den += float((y - y.mean(0)).pow(2).sum())
+    return num / den
+
+
+def _one_token():
+    return [{"input_ids": torch.tensor([[17]]), "attention_mask": torch.tensor([[1]])}]
+
+
+SMALL = {
+    "one sequence": lambda: token_batches(num=1),
+    "one token": _one_token,
+    "three sequences": lambda: token_batches(num=3, batch_size=3, seed=4),
+    "six sequences": lambda: token_batches(num=6, batch_size=4, seed=5),
+}
+
+
+@pytest.mark.parametrize("case", list(SMALL))
+def test_small_calibration_is_not_worse_than_the_same_selection_without_refit(case):
+    dense = tiny_text_model("bert")
+    data = SMALL[case]()
+    pruned, report = _prune(dense, data)
+    plain = _without_refit(dense, pruned)
+    ours, without = _heldout_error(dense, pruned), _heldout_error(dense, plain)
+    assert ours <= without * 1.02 + 1e-6, (ours, without, [b.refit_ridge for b in report.blocks])
+    for block in report.blocks:
+        assert block.relative_residual >= 0
+        assert block.relative_residual_refit is None or block.relative_residual_refit >= 0
+        assert block.relative_residual_heldout is None or block.relative_residual_heldout >= 0
+
+
+def test_the_old_fixed_ridge_refit_is_what_breaks():
+    """The guard is needed: the fixed-ridge re-fit of earlier versions is far worse on one sequence."""
+    dense = tiny_text_model("bert")
+    old, _ = _prune(dense, token_batches(num=1), refit_validation=False)
+    new, report = _prune(dense, token_batches(num=1))
+    assert all(b.refit_ridge is None for b in report.blocks)  # one sequence: one half is empty, no re-fit
+    assert _heldout_error(dense, old) > 2 * _heldout_error(dense, new)
+
+
+def test_many_tokens_the_refit_still_helps():
+    dense = tiny_text_model("bert")
+    data = token_batches(num=160, batch_size=32, seed=3)
+    pruned, report = _prune(dense, data)
+    refitted = [b for b in report.blocks if b.refit_ridge is not None]
+    assert len(refitted) == len(report.blocks), [(b.name, b.refit_ridge) for b in report.blocks]
+    for b in refitted:
+        # the held-out residual of the installed re-fit beats plain selection (that is why it was installed)
+        assert 0 <= b.relative_residual_heldout < b.relative_residual
+        assert 0 <= b.relative_residual_refit < b.relative_residual
+    plain = _without_refit(dense, pruned)
+    assert _heldout_error(dense, pruned) < 0.9 * _heldout_error(dense, plain)
+
+
+def test_warnings_name_the_numbers_and_the_fix(caplog):
+    dense = tiny_text_model("bert")
+    with caplog.at_level(logging.WARNING, logger="hf_ispasp"):
+        _prune(dense, token_batches(num=1, min_len=5, max_len=5))
+    small = [r.getMessage() for r in caplog.records if "fewer than" in r.getMessage()]
+    assert len(small) == 1  # once per prune, not once per block
+    assert "5 tokens" in small[0] and "30 columns" in small[0] and "has 37" in small[0]
+    assert "pass more calibration data" in small[0].lower()
+    unvalidated = [r.getMessage() for r in caplog.records if "cannot be validated" in r.getMessage()]
+    assert len(unvalidated) == 1 and "pass more calibration data" in unvalidated[0].lower()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_ispasp"):
+        _prune(dense, token_batches(num=40, batch_size=8))
+    assert not [r for r in caplog.records if "fewer than" in r.getMessage() or "validated" in r.getMessage()]
+
+
+# Halves -------------------------------------------------------------------------------------------------
+def _layer0_stats(batches, seed=0):
+    model = tiny_text_model("bert")
+    adapter = adapter_for(model)
+    cache = ActivationCache("memory")
+    capture_layer_inputs(model, adapter, batches, cache, torch.device("cpu"), seed=seed)
+    blocks = adapter.blocks(0)
+    with torch.no_grad():
+        return [collect_block_statistics(adapter.layers()[0], adapter, b, cache, torch.device("cpu"), torch.float64)
+                for b in blocks]
+
+
+def _summed(parts: list[list[BlockStatistics]]) -> list[BlockStatistics]:
+    out = []
+    for blocks in zip(*parts, strict=True):
+        total = BlockStatistics(blocks[0].width)
+        for stats in blocks:
+            for mine, theirs in zip(total.tensors(), stats.tensors(), strict=True):
+                mine += theirs
+        out.append(total)
+    return out
+
+
+def test_halves_do_not_depend_on_batching_padding_or_processes():
+    one = _layer0_stats(token_batches(num=24, batch_size=8))
+    rebatched = _layer0_stats(token_batches(num=24, batch_size=5, pad_to=20, pad_fill=9))
+    batches = token_batches(num=24, batch_size=3)
+    # two "processes": global batch i goes to process i % 2 (hf_ispasp.distributed); statistics are summed
+    two = _summed([_layer0_stats(batches[0::2]), _layer0_stats(batches[1::2])])
+    for other in (rebatched, two):
+        for a, b in zip(one, other, strict=True):
+            assert float(a.fold_count) == float(b.fold_count) and float(a.count) == float(b.count)
+            torch.testing.assert_close(a.fold_gram, b.fold_gram)
+            torch.testing.assert_close(a.gram, b.gram)
+    first, second = one[0].halves()
+    assert float(first.count) > 0 and float(second.count) > 0 and float(one[0].unassigned) == 0
+    # the seed chooses the halves; the same seed, the same halves
+    other_seed = _layer0_stats(token_batches(num=24, batch_size=8), seed=1)
+    assert float(other_seed[0].fold_count) != float(one[0].fold_count)
+
+
+def test_sequence_folds_hash_the_content_without_padding():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    mask = ids != 0
+    folds = sequence_folds((), {"input_ids": ids}, mask)
+    alone = sequence_folds((), {"input_ids": ids[:1, :3]}, mask[:1, :3])
+    assert folds.shape == (2,) and int(folds[0]) == int(alone[0])
+    assert set(sequence_folds((), {"input_ids": torch.arange(64).reshape(32, 2)}, None).tolist()) == {0, 1}
+
+
+def test_same_ridges_with_other_batch_sizes():
+    dense = tiny_text_model("roberta")
+    _, a = _prune(dense, token_batches(num=24, batch_size=3, pad_id=1))
+    _, b = _prune(dense, token_batches(num=24, batch_size=24, pad_id=1))
+    assert [(x.kept, x.refit_ridge) for x in a.blocks] == [(x.kept, x.refit_ridge) for x in b.blocks]
+
+
+# Algorithm --------------------------------------------------------------------------------------------
+def _split_stats(h: torch.Tensor) -> BlockStatistics:
+    stats = BlockStatistics(h.shape[1])
+    for i, row in enumerate(h):
+        stats.update(row[None], torch.float64, fold=i % 2)
+    return stats
+
+
+def test_validation_refuses_an_interpolating_refit_and_accepts_a_well_posed_one():
+    gen = torch.Generator().manual_seed(0)
+    width, out = 40, 6
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64)
+    w = torch.randn(out, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(out, generator=gen, dtype=torch.float64)
+    groups = torch.arange(0, width, 2)
+    few = _split_stats(torch.randn(12, width, generator=gen, dtype=torch.float64) @ mix)
+    many = _split_stats(torch.randn(4000, width, generator=gen, dtype=torch.float64) @ mix)
+    small, large = validate_refit(few, w, b, groups, 1), validate_refit(many, w, b, groups, 1)
+    assert small.validated and large.validated
+    assert large.ridge is not None and large.ridge <= 1e-2 and large.heldout < 0.5 * large.plain
+    assert small.ridge is None or small.ridge >= 1e-1  # interpolation (tiny ridge) never wins on held-out data
+    assert small.scores[REFIT_RIDGES[0]] > small.plain
+    # no halves, no validation
+    unsplit = BlockStatistics(width)
+    unsplit.update(torch.randn(50, width, generator=gen, dtype=torch.float64), torch.float64)
+    assert validate_refit(unsplit, w, b, groups, 1).validated is False
+
+
+def test_anchored_refit_goes_from_least_squares_to_the_original_columns():
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 10, generator=gen, dtype=torch.float64) + 0.5
+    w = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    stats, groups = _split_stats(h), torch.tensor([1, 4, 5, 8])
+    exact = refit_projection(stats, w, b, groups, 1, damping=0.0)
+    torch.testing.assert_close(refit_projection(stats, w, b, groups, 1, 0.0, anchored=True)[0], exact[0])
+    keep_w, bias_only = refit_projection(stats, w, b, groups, 1, float("inf"), anchored=True)
+    assert torch.equal(keep_w, w[:, groups])
+    # the bias-only re-fit absorbs the mean of the dropped columns: no worse than plain selection
+    plain = residual_after_refit(stats, w, b, groups, 1, w[:, groups], b)
+    assert residual_after_refit(stats, w, b, groups, 1, keep_w, bias_only) <= plain
+    big = refit_projection(stats, w, b, groups, 1, 1e6, anchored=True)[0]
+    torch.testing.assert_close(big, w[:, groups], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_anchored_refit_threshold_reports_the_ridge_objective(group_size):
+    gen = torch.Generator().manual_seed(5)
+    mix = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    h = torch.randn(60, 12, generator=gen, dtype=torch.float64) @ mix + 0.3
+    w = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    b = torch.zeros(6, dtype=torch.float64)
+    stats = _split_stats(h)
+    damping = 0.05
+    result = select_groups(stats, w, group_size, 12 // group_size // 2, threshold="refit", damping=damping,
+                           anchored=True)
+    new_w, new_b = refit_projection(stats, w, b, result.groups, group_size, damping, anchored=True)
+    cov = stats.gram / 60 - torch.outer(stats.total / 60, stats.total / 60)
+    ridge = damping * float(torch.diagonal(cov).mean()) + 1e-12
+    cols = (result.groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    objective = residual_after_refit(stats, w, b, result.groups, group_size, new_w, new_b)
+    objective += 60 * ridge * float((new_w - w[:, cols]).pow(2).sum())
+    torch.testing.assert_close(torch.tensor(result.residual_history[-1]), torch.tensor(objective), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_residual_after_refit_is_not_negative_when_the_fit_interpolates():
+    gen = torch.Generator().manual_seed(2)
+    h = (torch.randn(5, 30, generator=gen) * 100 + 1000).to(torch.float64)  # 5 tokens, 30 columns, large mean
+    w = torch.randn(8, 30, generator=gen, dtype=torch.float64)
+    b = torch.randn(8, generator=gen, dtype=torch.float64)
+    stats = _split_stats(h)
+    groups = torch.arange(20)
+    fitted = refit_projection(stats, w, b, groups, 1, damping=0.0)
+    after = residual_after_refit(stats, w, b, groups, 1, *fitted)
+    explicit = float((h @ w.T + b - h[:, groups] @ fitted[0].T - fitted[1]).pow(2).sum())
+    assert after >= 0
+    assert after == pytest.approx(explicit, abs=1e-6 * float((h @ w.T).pow(2).sum()))
+
+
+def test_validation_scores_are_the_explicit_held_out_residuals():
+    """The eigenbasis shortcut of the validation computes exactly fit-on-one-half, residual-on-the-other."""
+    gen = torch.Generator().manual_seed(4)
+    mix = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    h = torch.randn(45, 16, generator=gen, dtype=torch.float64) @ mix + 1.0
+    w = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    stats = BlockStatistics(16)
+    for i, row in enumerate(h):
+        stats.update(row[None], torch.float64, fold=int(i % 3 == 0))  # unequal halves: 15 and 30 tokens
+    first, second = stats.halves()
+    groups = torch.tensor([0, 3, 4, 7, 9, 11, 15])
+    for bias in (b, None):
+        choice = validate_refit(stats, w, bias, groups, 1)
+        for ridge, score in choice.scores.items():
+            explicit = 0.0
+            for fit, test in ((first, second), (second, first)):
+                fitted = refit_projection(fit, w, bias, groups, 1, ridge * 45 / float(fit.count), anchored=True)
+                explicit += residual_after_refit(test, w, bias, groups, 1, *fitted)
+            assert score == pytest.approx(explicit, rel=1e-9)
