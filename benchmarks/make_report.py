@@ -23,6 +23,7 @@ ORDER = [
     ("summary", "Summary and chosen defaults"),
     ("synthetic", "1. The paper's synthetic experiment"),
     ("selection_rules", "3. Selection rules on a real model"),
+    ("calibration_size", "Calibration-set size and the validated re-fit"),
     ("finetune_recovery", "Fine-tuning recovery"),
     ("peer_torch_pruning", "4. Torch-Pruning side by side"),
     ("pruning_speed", "5. Pruning speed and scaling"),
@@ -85,6 +86,20 @@ def summary(results_dir: Path) -> str:
             lines.append(f"- Target 'within 1 point after a 1-epoch fine-tune': {gap0:+.1f} points below the original "
                          f"dense model -> {'met' if gap0 <= 1 else 'not met'}; {gap:+.1f} points below the dense "
                          f"model fine-tuned for the same extra epoch -> {'met' if gap <= 1 else 'not met'}.")
+    sizes = _json(results_dir, "calibration_size")
+    if sizes and sizes.get("records"):
+        by = {(r["sequences"], r["variant"]): r for r in sizes["records"]}
+        default, plain = "validated re-fit (default)", "same selection, no re-fit"
+        small, ref = by.get((32, default)), by.get((512, default))
+        if small and ref:
+            gap, ratio = 100 * (ref["accuracy"] - small["accuracy"]), small["kl"] / max(ref["kl"], 1e-12)
+            met = abs(gap) <= 1 and ratio <= 1.5
+            lines.append(f"- Target 'from 32 calibration sequences within 1 point and 1.5x the KL of 512': "
+                         f"{gap:+.1f} points, {ratio:.2f}x the KL -> {'met' if met else 'not met'}.")
+        worse = [n for (n, v), r in by.items() if v == default and (n, plain) in by
+                 and (r["kl"] > by[(n, plain)]["kl"] or r["accuracy"] < by[(n, plain)]["accuracy"])]
+        lines.append("- Target 'the validated re-fit never worse than the same selection without re-fit': "
+                     + ("met at every calibration size." if not worse else f"not met at {sorted(worse)} sequences."))
     peer = _json(results_dir, "peer_torch_pruning")
     if peer and peer.get("records"):
         for b in sorted({(r["ffn_keep"], r["head_keep"]) for r in peer["records"]}):

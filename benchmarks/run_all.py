@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OWN = ["synthetic", "selection_rules", "peer_torch_pruning", "pruning_speed", "inference_speed"]
+OWN = ["synthetic", "selection_rules", "calibration_size", "peer_torch_pruning", "pruning_speed",
+       "inference_speed"]
 OTHERS = ["finetune_recovery", "vision_efficientnet"]  # written by other engineers: plain invocation
 SCRIPTS = OWN + OTHERS
 

@@ -7,6 +7,10 @@ column sums ``s = sum_b H_b`` and the Gram matrix ``G = H^T H``. With ``P = W^T 
 (elementwise), the residual of a support is ``||V||_F^2 = m^T E m`` where ``m`` marks the dropped
 columns, so an iteration costs nothing that grows with the calibration set.
 
+The same three statistics are also kept for one half of the calibration sequences, so the least-squares
+re-fit of ``W`` can be validated on held-out data (:func:`validate_refit`): with fewer tokens than columns an
+unregularised re-fit interpolates the calibration tokens and generalises worse than no re-fit at all.
+
 This module knows nothing of transformers or timm.
 """
 
@@ -473,21 +477,27 @@ def validate_refit(
     applies to the whole set (a fixed prior weighs more against fewer tokens). Small calibration sets (fewer
     tokens than columns) make the plain least-squares re-fit interpolate the calibration tokens: its training
     residual is then ~0 while held-out outputs are destroyed; this is the guard. Each fold costs one
-    eigendecomposition of the kept covariance; every ridge is then a few matrix products.
+    eigendecomposition of the kept covariance; every further ridge costs O(k^2).
     """
     cols = group_columns(groups, group_size)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
-    plain = residual_after_refit(stats, w, bias, groups, group_size, w[:, cols], bias)
+    gram_w = w.T @ w  # tr(W C W^T) = sum(C * W^T W)
+    dropped = torch.ones(stats.width, dtype=torch.bool)
+    dropped[cols] = False
+    # No re-fit fits nothing: its held-out residual is sum_b ||W_D H_{b,D}||^2 on all the data.
+    plain = max(float((stats.gram[dropped][:, dropped] * gram_w[dropped][:, dropped]).sum()), 0.0)
     halves = stats.halves()
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
     n = float(stats.count)
     centered = bias is not None
-    moments = [(*_moments(half, centered), float(half.count)) for half in halves]
-    gram_w = w.T @ w  # tr(W C W^T) = sum(C * W^T W) for both folds
+    folds = []
+    for half in halves:
+        mean, cov = _moments(half, centered)
+        folds.append(_Fold(mean, cov, float(half.count), cov[cols] @ w.T, cov[cols][:, cols]))
     scores = dict.fromkeys(ridges, 0.0)
-    for fit, test in (moments, moments[::-1]):
-        for ridge, value in _fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit[2]).items():
+    for fit, test in (folds, folds[::-1]):
+        for ridge, value in _fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit.count).items():
             scores[ridge] += value
     best = min(scores, key=lambda r: scores[r])  # ties: the first (smallest) ridge of the grid
     if scores[best] < plain:
@@ -495,39 +505,56 @@ def validate_refit(
     return RefitChoice(None, plain, plain, scores)
 
 
+@dataclass
+class _Fold:
+    """Moments of one half, and its products with the kept columns (shared by both directions of the CV)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    count: float
+    cov_w: torch.Tensor  # C[S, :] W^T  (k x d)
+    cov_ss: torch.Tensor  # C[S, S]
+
+
 def _fold_scores(
-    fit: tuple[torch.Tensor, torch.Tensor, float], test: tuple[torch.Tensor, torch.Tensor, float], w: torch.Tensor,
-    gram_w: torch.Tensor, centered: bool, cols: torch.Tensor, ridges: tuple[float, ...], scale: float,
+    fit: _Fold, test: _Fold, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, cols: torch.Tensor,
+    ridges: tuple[float, ...], scale: float,
 ) -> dict[float, float]:
-    """Residual on ``test`` of the anchored re-fit on ``fit`` (each: mean, covariance, count), for every ridge.
+    """Residual on ``test`` of the anchored re-fit on ``fit``, for every relative ridge (times ``scale``).
 
     Same solution as :func:`refit_projection` (``anchored=True``, relative ridge times ``scale``), through one
-    eigendecomposition: with ``C_SS = U diag(e) U^T``, ``W'^T = U Z``, ``Z = (U^T C_S W^T + r U^T W_S^T) / (e + r)``.
-    The re-fitted bias makes the mean error on ``test`` ``D (mean_test - mean_fit)`` with ``D = W - W'``
-    (zero-padded), so the residual is ``n_test (tr(D C_test D^T) + ||D delta||^2)``, expanded in the kept
-    columns and evaluated in the eigenbasis (one k x k x d product per ridge).
+    eigendecomposition: with ``C_SS = U diag(e) U^T``, ``W'^T = U Z``, ``Z = diag(1 / (e + r)) (B + r P)``,
+    ``B = U^T C_S W^T``, ``P = U^T W_S^T``. The re-fitted bias makes the mean error on ``test``
+    ``D (mean_test - mean_fit)`` with ``D = W - W'`` (zero-padded), so the residual is
+    ``n_test (tr(D C_test D^T) + ||D delta||^2)``, expanded in the kept columns; its terms are quadratic in ``r``
+    with fixed k x k coefficient matrices, so every further ridge costs O(k^2), not O(k^2 d).
     """
-    mean_f, cov_f, _ = fit
-    mean_t, cov_t, count_t = test
-    delta = (mean_t - mean_f) if centered else torch.zeros_like(mean_t)
-    values, vectors = torch.linalg.eigh(cov_f[cols][:, cols])
+    delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
+    values, vectors = torch.linalg.eigh(fit.cov_ss)
     values = values.clamp_min(0)
-    base = vectors.T @ (cov_f[cols] @ w.T)  # U^T C_S W^T  (k x d)
-    prior = vectors.T @ w[:, cols].T  # U^T W_S^T
-    total_t = float((cov_t * gram_w).sum())  # tr(W C_t W^T)
-    cross_t = vectors.T @ (cov_t[cols] @ w.T)  # U^T C_t[S, :] W^T
-    rotated_t = vectors.T @ cov_t[cols][:, cols] @ vectors  # U^T C_t,SS U
+    b = vectors.T @ fit.cov_w  # (k x d)
+    p = vectors.T @ w[:, cols].T
+    cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
+    rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
+    total = float((test.cov * gram_w).sum())  # tr(W C_t W^T)
+    # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
+    bp = b @ p.T
+    quad = (rotated * (b @ b.T), rotated * (bp + bp.T), rotated * (p @ p.T))
+    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     delta_s = vectors.T @ delta[cols]
     w_delta = w @ delta
-    unit = float(torch.diagonal(cov_f).mean().clamp_min(0))
+    unit = float(torch.diagonal(fit.cov).mean().clamp_min(0))
     out = {}
     for ridge in ridges:
-        if math.isinf(ridge):
-            z = prior
+        if math.isinf(ridge):  # Z = P
+            spread = total - 2 * float(lin[1].sum()) + float(quad[2].sum())
+            shifted = p.T @ delta_s
         else:
             r = ridge * scale * unit + 1e-12
-            z = (base + r * prior) / (values + r)[:, None]
-        spread = total_t - 2 * float((z * cross_t).sum()) + float(((rotated_t @ z) * z).sum())
-        offset = float((w_delta - z.T @ delta_s).pow(2).sum())
-        out[ridge] = count_t * (max(spread, 0.0) + offset)
+            d = 1.0 / (values + r)
+            spread = total - 2 * float(d @ (lin[0] + r * lin[1]))
+            spread += float(d @ (quad[0] + r * quad[1] + r * r * quad[2]) @ d)
+            shifted = (b + r * p).T @ (d * delta_s)
+        offset = float((w_delta - shifted).pow(2).sum())
+        out[ridge] = test.count * (max(spread, 0.0) + offset)
     return out

@@ -111,3 +111,19 @@ def test_make_report(tmp_path: Path) -> None:
     assert text.index("## Synthetic") < text.index("## Inference") < text.index("## Vision")
     assert "](results/plot.png)" in text
     assert "`selection_rules`" in text  # listed as not run
+
+
+def test_calibration_size(tmp_path: Path) -> None:
+    import calibration_size
+
+    assert calibration_size.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path, "calibration_size")
+    keys = {(r["sequences"], r["variant"]) for r in data["records"]}
+    assert keys == {(n, v) for n in calibration_size.TINY_SIZES for v in calibration_size.ORDER}
+    for r in data["records"]:
+        assert 0 < r["flops_ratio"] < 1 and r["kl"] >= 0 and 0 <= r["agreement"] <= 1
+    # one calibration sequence: no held-out half, so the default re-fits nothing
+    (one,) = [r for r in data["records"] if r["sequences"] == 1 and r["variant"] == calibration_size.DEFAULT]
+    assert "0.0001" not in one["ridges"] and "none x" in one["ridges"]
+    assert calibration_size.main(["--report-only", "--output-dir", str(tmp_path)]) == 0
+    assert "same selection, no re-fit" in (tmp_path / "calibration_size.md").read_text()

@@ -137,6 +137,7 @@ def test_many_tokens_the_refit_still_helps():
         assert 0 <= b.relative_residual_refit < b.relative_residual
     plain = _without_refit(dense, pruned)
     assert _heldout_error(dense, pruned) < 0.9 * _heldout_error(dense, plain)
+    assert "held-out" in report.to_markdown().splitlines()[0]
 
 
 def test_warnings_name_the_numbers_and_the_fix(caplog):
