@@ -90,7 +90,8 @@ class PruningReport:
     seconds_selection: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data for strict JSON: a non-finite float (``refit_ridge=inf``: bias-only re-fit) becomes "inf"."""
+        return _finite_json(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -383,6 +384,16 @@ def _check_model(model: nn.Module) -> None:
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         raise ValueError(f"the model has NaN/inf weights in {bad[:5]}; it cannot be calibrated")
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _check_overrides(config: PrunerConfig, adapter: ModelAdapter) -> None:

@@ -397,3 +397,12 @@ def test_correct_result(case, check, tmp_path, caplog):
 
 def test_catalogue_size():
     assert len(ERRORS) + len(CORRECT) >= 60
+
+
+def test_report_is_strict_json():
+    """A bias-only re-fit (ridge inf) must not leak 'Infinity' into the report's JSON."""
+    from hf_ispasp.pruner import BlockReport, PruningReport
+
+    report = PruningReport(blocks=[BlockReport("b", "ffn", 0, 4, 2, 0.1, 0.05, 1, [0, 1], refit_ridge=math.inf)])
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["blocks"][0]["refit_ridge"] == "inf"
