@@ -134,8 +134,10 @@ def _load_checkpoint(path: str) -> tuple[Any, Any]:
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from .serialization import looks_like_hub_id
+
     local = os.path.expanduser(path)
-    if not os.path.isdir(local) and (os.path.exists(local) or path.startswith((".", "/", "~")) or path.count("/") > 1):
+    if not os.path.isdir(local) and (os.path.exists(local) or not looks_like_hub_id(path)):
         raise UsageError(f"--model {path}: no such checkpoint folder; pass a folder with config.json or a Hub id")
     try:
         config = AutoConfig.from_pretrained(path)

@@ -338,7 +338,7 @@ class ISpaSPPruner:
         if tokens >= columns or "small" in self._warned:
             return
         self._warned.add("small")
-        widest = max(getattr(self, "_widest", (0, "")), (columns, block.name))
+        widest = max(self._widest, (columns, block.name))
         guard = (
             "the re-fit is validated on held-out halves of the data and skipped where it does not help"
             if self.config.refit_validation else "with refit_validation=False the re-fit will overfit them"

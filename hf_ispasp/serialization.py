@@ -162,6 +162,11 @@ def _to_module_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return renamed if len(renamed) == len(state) else state
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """``name`` or ``owner/name``: what a missing local path may still be (anything else is a local path)."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)) and not path.startswith(".")
+
+
 def _resolve_local(path: str) -> str:
     """A local folder (the complete one of an interrupted save), or ``path`` unchanged when it is a Hub id."""
     expanded = os.path.expanduser(path)
@@ -169,7 +174,7 @@ def _resolve_local(path: str) -> str:
         return readable_folder(expanded)
     if os.path.exists(expanded):
         raise NotADirectoryError(f"{path} is a file; load_pruned takes the folder written by save_pruned")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith("."):
+    if not looks_like_hub_id(path):
         raise FileNotFoundError(
             f"no checkpoint folder at {path}: pass the folder written by save_pruned / save_pretrained, "
             "or a Hub id such as 'user/model-pruned'"
