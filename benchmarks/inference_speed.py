@@ -23,8 +23,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from hf_ispasp import adapter_for  # noqa: E402
+from hf_ispasp.config import kept_count  # noqa: E402
 from hf_ispasp.metrics import count_flops, latency_ratio  # noqa: E402
-from hf_ispasp.pruner import kept_count  # noqa: E402
 
 NAME = "inference_speed"
 MAIN = (0.5, 0.75)

@@ -202,3 +202,11 @@ class PrunerConfig:
     def from_json_file(cls, path: str | os.PathLike) -> PrunerConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def kept_count(num_groups: int, ratio: float, round_to: int = 1) -> int:
+    """Groups kept for a ratio: at least one, rounded to a multiple of ``round_to`` when that is possible."""
+    keep = max(1, round(ratio * num_groups))
+    if round_to > 1 and num_groups >= round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(num_groups, keep)

@@ -28,9 +28,10 @@ from .algorithm import (
     select_groups,
     validate_refit,
 )
-from .config import PrunerConfig
+from .config import PrunerConfig, kept_count
 from .importance import taylor_scores
 from .metrics import count_flops, count_parameters
+from .record import METADATA_KEY
 from .statistics import (
     ActivationCache,
     calibration_batches,
@@ -43,17 +44,6 @@ from .statistics import (
 __all__ = ["BlockReport", "ISpaSPPruner", "PruningReport", "kept_count"]
 
 logger = logging.getLogger(__name__)
-
-METADATA_KEY = "ispasp"
-
-
-def kept_count(num_groups: int, ratio: float, round_to: int = 1) -> int:
-    """Groups kept for a ratio: at least one, rounded to a multiple of ``round_to`` when that is possible."""
-    keep = max(1, round(ratio * num_groups))
-    if round_to > 1 and num_groups >= round_to:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
-    return min(num_groups, keep)
-
 
 @dataclass
 class BlockReport:

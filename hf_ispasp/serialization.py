@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .atomic import CheckpointFolderError, atomic_directory, readable_folder
-from .pruner import METADATA_KEY
+from .record import METADATA_KEY
 
 __all__ = [
     "CheckpointFolderError",

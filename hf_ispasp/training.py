@@ -24,8 +24,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .adapters import adapter_for
-from .config import PrunerConfig
-from .pruner import METADATA_KEY, ISpaSPPruner, PruningReport, kept_count
+from .config import PrunerConfig, kept_count
+from .pruner import ISpaSPPruner, PruningReport
+from .record import METADATA_KEY
 
 __all__ = [
     "DistillationArguments",

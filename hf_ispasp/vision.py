@@ -95,8 +95,8 @@ def ffn_ratio_for_flops(
         inputs: Inputs for counting (default: the adapter's ``example_inputs()``).
         tolerance: Stop once the bracket on the ratio is this narrow.
     """
+    from .config import kept_count
     from .metrics import count_flops
-    from .pruner import kept_count
 
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")

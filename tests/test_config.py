@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from hf_ispasp import PrunerConfig
-from hf_ispasp.pruner import kept_count
+from hf_ispasp.config import kept_count
 
 
 @pytest.mark.parametrize("field", ["ffn_keep_ratio", "head_keep_ratio"])

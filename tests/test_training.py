@@ -177,7 +177,7 @@ def test_schedule_ratios_compound_to_the_final_budget():
                           layer_overrides={1: {"ffn_keep_ratio": 0.6}})
     original = {(0, "ffn"): 37, (0, "heads"): 12, (1, "ffn"): 37, (1, "heads"): 12}
     current = dict(original)
-    from hf_ispasp.pruner import kept_count
+    from hf_ispasp.config import kept_count
 
     for step in (1, 2, 3):
         overrides = schedule_overrides(original, current, config, step / 3)

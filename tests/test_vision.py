@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from vision_fixtures import IMAGE_SIZE, extra_timm_models, tiny_vision_models
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, load_pruned, save_pruned
-from hf_ispasp.pruner import kept_count
+from hf_ispasp.config import kept_count
 from hf_ispasp.vision import ffn_ratio_for_flops, image_tensor
 
 MODELS = {**tiny_vision_models()}
