@@ -16,8 +16,11 @@ This module knows nothing of transformers or timm.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -26,7 +29,9 @@ __all__ = [
     "BlockStatistics",
     "RefitChoice",
     "SelectionResult",
+    "accumulation_dtype",
     "group_columns",
+    "ieee_float32",
     "refit_projection",
     "residual_after_refit",
     "select_groups",
@@ -34,9 +39,34 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Float32 matrix products in full IEEE precision (no TF32 on Ampere+ GPUs), restored afterwards.
+
+    TF32 keeps 10 mantissa bits: a Gram matrix or a selection in TF32 differs from float32 in the 4th digit,
+    enough to change which group is dropped first.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def accumulation_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 where the device has it (CPU, CUDA: an addition is memory-bound, so float64 costs little);
+    float32 with Kahan compensation where it does not (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @dataclass
 class BlockStatistics:
     """Streaming sums of a block's hidden representation; memory is O(width^2), not O(samples).
+
+    The sums live on ``device`` (the layer's device: no host transfer per batch) in ``dtype`` (float64 by
+    default; see :func:`accumulation_dtype`). In float32 each sum carries a Kahan compensation term, so the
+    accumulated error stays at one rounding of the sum, not one per batch.
 
     Besides the totals, the sums over *fold 0* (the calibration sequences that hash to the first half, see
     ``hf_ispasp.statistics``) are kept, so that the re-fit can be validated on held-out data: fold 1 is the
@@ -45,52 +75,81 @@ class BlockStatistics:
     """
 
     width: int
-    count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    count: torch.Tensor | None = None
     total: torch.Tensor | None = None
     gram: torch.Tensor | None = None
-    fold_count: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    fold_count: torch.Tensor | None = None
     fold_total: torch.Tensor | None = None
     fold_gram: torch.Tensor | None = None
-    unassigned: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    unassigned: torch.Tensor | None = None
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float64
+    _compensation: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    _SHAPES: ClassVar[dict[str, int]] = {
+        "count": 0, "total": 1, "gram": 2, "fold_count": 0, "fold_total": 1, "fold_gram": 2, "unassigned": 0,
+    }
 
     def __post_init__(self) -> None:
-        if self.total is None:
-            self.total = torch.zeros(self.width, dtype=torch.float64)
-        if self.gram is None:
-            self.gram = torch.zeros(self.width, self.width, dtype=torch.float64)
-        if self.fold_total is None:
-            self.fold_total = torch.zeros(self.width, dtype=torch.float64)
-        if self.fold_gram is None:
-            self.fold_gram = torch.zeros(self.width, self.width, dtype=torch.float64)
+        given = next((getattr(self, n) for n in self._SHAPES if getattr(self, n) is not None), None)
+        if given is not None:  # built from tensors (e.g. halves()): live where they live
+            self.device, self.dtype = given.device, given.dtype
+        self.device = torch.device(self.device)
+        for name, dims in self._SHAPES.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros((self.width,) * dims, dtype=self.dtype, device=self.device))
 
     def update(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32, fold: int | None = None) -> None:
         """Add rows of ``hidden`` (tokens x width), already stripped of padding tokens.
 
-        ``fold`` (0 or 1) says which half of the calibration data the rows belong to; ``None``: unknown.
+        ``dtype`` is the precision of the products (float32: IEEE, never TF32); ``fold`` (0 or 1) says which
+        half of the calibration data the rows belong to; ``None``: unknown.
         """
         if hidden.shape[-1] != self.width:
             raise ValueError(f"hidden representation has width {hidden.shape[-1]}, statistics expect {self.width}")
         if fold not in (None, 0, 1):
             raise ValueError(f"fold must be 0, 1 or None, got {fold!r}")
-        rows = hidden.reshape(-1, self.width).to(dtype)
+        rows = hidden.reshape(-1, self.width).to(device=self.device, dtype=dtype)
         if rows.shape[0] == 0:
             return
-        # Products in `dtype` (fast), accumulation across batches in float64 (order-robust).
-        total = rows.sum(0).to(torch.float64).cpu()
-        gram = (rows.T @ rows).to(torch.float64).cpu()
-        self.count += rows.shape[0]
-        self.total += total
-        self.gram += gram
+        with ieee_float32():
+            total = rows.sum(0).to(self.dtype)
+            gram = (rows.T @ rows).to(self.dtype)
+        count = torch.tensor(float(rows.shape[0]), dtype=self.dtype, device=self.device)
+        self._add("count", count)
+        self._add("total", total)
+        self._add("gram", gram)
         if fold == 0:
-            self.fold_count += rows.shape[0]
-            self.fold_total += total
-            self.fold_gram += gram
+            self._add("fold_count", count)
+            self._add("fold_total", total)
+            self._add("fold_gram", gram)
         elif fold is None:
-            self.unassigned += rows.shape[0]
+            self._add("unassigned", count)
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        target = getattr(self, name)
+        if self.dtype == torch.float64:
+            target += value
+            return
+        # Kahan: c holds the low-order bits lost by the previous additions.
+        c = self._compensation.setdefault(name, torch.zeros_like(target))
+        y = value - c
+        t = target + y
+        c.copy_((t - target) - y)
+        target.copy_(t)
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across processes."""
         return [self.count, self.total, self.gram, self.fold_count, self.fold_total, self.fold_gram, self.unassigned]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockStatistics:
+        """A copy on ``device`` in ``dtype`` (selection may run in another precision than accumulation)."""
+        device = self.device if device is None else torch.device(device)
+        dtype = self.dtype if dtype is None else dtype
+        if device == self.device and dtype == self.dtype:
+            return self
+        moved = {n: getattr(self, n).to(device=device, dtype=dtype) for n in self._SHAPES}
+        return BlockStatistics(self.width, **moved)
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
@@ -123,8 +182,8 @@ def _group_sum(values: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_columns(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     """Column indices of the kept groups (groups are ``group_size`` consecutive columns)."""
-    groups = groups.to(torch.long).cpu()
-    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    groups = torch.as_tensor(groups).to(torch.long)
+    return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
 
 
 def _topk_groups(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,7 +200,7 @@ class _Problem:
     def __init__(self, stats: BlockStatistics, weight: torch.Tensor, group_size: int) -> None:
         self.stats = stats
         self.group_size = group_size
-        self.weight = weight.detach().to(device="cpu", dtype=torch.float64)
+        self.weight = _matching(weight, stats)
         self.gram = stats.gram
         self.total = stats.total
         self.energy = stats.gram * (self.weight.T @ self.weight)  # E = G * P
@@ -149,7 +208,7 @@ class _Problem:
         self.full_energy = float(self.energy.sum())
 
     def dropped_mask(self, support: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones(self.num_groups, dtype=torch.float64)
+        mask = torch.ones(self.num_groups, dtype=self.gram.dtype, device=self.gram.device)
         mask[support] = 0.0
         return mask.repeat_interleave(self.group_size)
 
@@ -217,7 +276,7 @@ class _Problem:
         cols = group_columns(support, g)
         c_ss = cov[cols][:, cols]
         ridge = _ridge(cov, cols, damping, anchored)
-        inv = torch.linalg.inv(c_ss + ridge * torch.eye(len(cols), dtype=torch.float64))
+        inv = torch.linalg.inv(c_ss + ridge * torch.eye(len(cols), dtype=cov.dtype, device=cov.device))
         cross = cov[cols] @ self.weight.T  # Q: (m g) x d
         column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
         if anchored:
@@ -229,7 +288,7 @@ class _Problem:
             m = len(kept)
             zb = coef.reshape(m, g, -1)
             if g == 1:
-                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv).clamp_min(1e-300)
+                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv).clamp_min(torch.finfo(inv.dtype).tiny)
             else:
                 pb = torch.diagonal(inv.reshape(m, g, m, g), dim1=0, dim2=2).permute(2, 0, 1)
                 cost = (zb * torch.linalg.solve(pb, zb)).sum((1, 2))
@@ -298,27 +357,28 @@ def select_groups(
         raise ValueError(f"cannot keep {keep} of {n} groups")
     history: list[float] = []
     iterations = 0
+    device = problem.gram.device
     if keep == n:
-        support = torch.arange(n)
+        support = torch.arange(n, device=device)
     elif selection == "random":
-        support = torch.randperm(n, generator=generator)[:keep]
+        support = torch.randperm(n, generator=generator)[:keep].to(device)
     elif selection in ("weight_magnitude", "taylor"):
         if weight_scores is None:
             raise ValueError(f"{selection} selection needs weight_scores (precomputed per-group scores)")
-        support = _topk_groups(weight_scores.to(torch.float64).cpu(), keep)
+        support = _topk_groups(weight_scores.to(device=device, dtype=problem.gram.dtype), keep)
     elif selection == "activation":
         support = _topk_groups(problem.static_score("l2"), keep)
     elif selection == "output_energy":
         support = _topk_groups(problem.static_score("output"), keep)
     elif selection == "ispasp":
         static = None if threshold in ("residual", "refit") else problem.static_score(threshold)
-        support = torch.zeros(0, dtype=torch.long)
+        support = torch.zeros(0, dtype=torch.long, device=device)
         best, best_residual = support, float("inf")
         previous = None
         for iterations in range(1, num_iterations + 1):  # noqa: B007 (reported after the loop)
             scores = problem.proxy(support, proxy)
             omega = _topk_groups(scores, min(2 * keep, n))
-            merged = torch.zeros(n, dtype=torch.bool)
+            merged = torch.zeros(n, dtype=torch.bool, device=device)
             merged[omega] = True
             merged[support] = True
             if previous is not None and torch.equal(merged, previous):
@@ -348,7 +408,12 @@ def select_groups(
     support = torch.sort(support).values
     residual = max(problem.residual(support), 0.0)  # a quadratic form of PSD matrices: only rounding is negative
     relative = residual / problem.full_energy if problem.full_energy > 0 else 0.0
-    return SelectionResult(support, residual, relative, iterations, history)
+    return SelectionResult(support.cpu(), residual, relative, iterations, history)
+
+
+def _matching(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
+    """``tensor`` (a weight or bias) on the statistics' device and in their dtype: the selection runs there."""
+    return tensor.detach().to(device=stats.gram.device, dtype=stats.gram.dtype)
 
 
 def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,9 +450,9 @@ def refit_projection(
     columns); without one, on raw second moments. The ridge ``damping`` is relative (see :func:`_ridge`);
     ``anchored`` pulls ``W'`` towards the original columns ``W_S`` rather than towards zero, so a large ridge
     degrades gracefully to plain selection (``damping=inf``: ``W' = W_S``, only the bias is re-fitted) instead
-    of to a zero projection. Returns float64 ``(W', b')`` on the CPU.
+    of to a zero projection. Returns ``(W', b')`` on the statistics' device and in their dtype.
     """
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
     if float(stats.count) <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
@@ -396,14 +461,14 @@ def refit_projection(
         new_weight = w[:, cols].clone()
     else:
         ridge = _ridge(moment, cols, damping, anchored)
-        a = moment[cols][:, cols] + ridge * torch.eye(len(cols), dtype=torch.float64)
+        a = moment[cols][:, cols] + ridge * torch.eye(len(cols), dtype=w.dtype, device=w.device)
         rhs = moment[cols] @ w.T  # (k x d)
         if anchored:
             rhs = rhs + ridge * w[:, cols].T
         new_weight = torch.linalg.solve(a, rhs).T.contiguous()
     new_bias = None
     if bias is not None:
-        b = bias.detach().to(device="cpu", dtype=torch.float64)
+        b = _matching(bias, stats)
         new_bias = b + w @ mean - new_weight @ mean[cols]
     return new_weight, new_bias
 
@@ -423,16 +488,16 @@ def residual_after_refit(
     non-negative in exact arithmetic and nothing large cancels (the raw form subtracts mean terms of the size
     of the signal), so only rounding noise is clamped.
     """
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
     n = float(stats.count)
     if n <= 0:
         return 0.0
     diff = w.clone()
-    diff[:, cols] -= new_weight.to(torch.float64)
-    shift = torch.zeros(w.shape[0], dtype=torch.float64)
+    diff[:, cols] -= new_weight.to(w)
+    shift = torch.zeros_like(w[:, 0])
     if bias is not None and new_bias is not None:
-        shift = bias.detach().to(device="cpu", dtype=torch.float64) - new_bias.to(torch.float64)
+        shift = _matching(bias, stats) - new_bias.to(w)
     mean, cov = _moments(stats, centered=True)
     spread = max(float((diff @ cov * diff).sum()), 0.0)
     offset = float((diff @ mean + shift).pow(2).sum())
@@ -480,9 +545,9 @@ def validate_refit(
     eigendecomposition of the kept covariance; every further ridge costs O(k^2).
     """
     cols = group_columns(groups, group_size)
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = _matching(weight, stats)
     gram_w = w.T @ w  # tr(W C W^T) = sum(C * W^T W)
-    dropped = torch.ones(stats.width, dtype=torch.bool)
+    dropped = torch.ones(stats.width, dtype=torch.bool, device=w.device)
     dropped[cols] = False
     # No re-fit fits nothing: its held-out residual is sum_b ||W_D H_{b,D}||^2 on all the data.
     plain = max(float((stats.gram[dropped][:, dropped] * gram_w[dropped][:, dropped]).sum()), 0.0)

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 SELECTIONS = ("ispasp", "random", "weight_magnitude", "activation", "output_energy", "taylor")
 PROXIES = ("sum", "l2")
 THRESHOLDS = ("sum", "l2", "output", "residual", "refit")
-CACHES = ("disk", "memory")
+CACHES = ("auto", "device", "cpu", "disk", "memory")
+SELECTION_DTYPES = ("float64", "float32")
 STATS_DTYPES = ("float32", "float64")
 _OVERRIDE_KEYS = ("ffn_keep_ratio", "head_keep_ratio")
 
@@ -86,9 +87,16 @@ class PrunerConfig:
         calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
         max_calibration_samples: Use at most this many calibration sequences (None: all). Applied to the data
             each process sees; under several processes cap before sharding (`hf_ispasp.distributed`).
-        stats_dtype: Dtype of the per-batch statistic products (accumulation is always float64).
-        activation_cache: Where layer inputs wait between layers: `disk` keeps memory flat in the number
-            of calibration samples, `memory` is a little faster for small calibration sets.
+        stats_dtype: Dtype of the per-batch statistic products (float32 products run in IEEE precision, never
+            TF32). They are accumulated on the layer's device in float64 (Kahan-compensated float32 where the
+            device has no float64).
+        activation_cache: Where layer inputs wait between layers: `auto` uses device memory (up to half of what
+            is free), then pinned CPU memory, then disk, and logs each choice; `device` (alias `memory`), `cpu`
+            and `disk` force one.
+        selection_dtype: Precision of the selection, re-fit and held-out validation, run on the statistics'
+            device. `float64` (default) reproduces the CPU reference exactly on CPU and GPU; `float32` is faster
+            on GPUs without fast float64 (consumer cards) and may, rarely, order two near-equal groups
+            differently.
         seed: Seed for the `random` rule and any tie-breaking.
         show_progress: Show tqdm progress bars.
     """
@@ -111,7 +119,10 @@ class PrunerConfig:
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size for a datasets.Dataset."})
     max_calibration_samples: int | None = field(default=None, metadata={"help": "Cap on calibration sequences."})
     stats_dtype: str = field(default="float32", metadata={"help": f"Per-batch statistics dtype, {STATS_DTYPES}."})
-    activation_cache: str = field(default="disk", metadata={"help": f"Layer-input cache, one of {CACHES}."})
+    activation_cache: str = field(default="auto", metadata={"help": f"Layer-input cache, one of {CACHES}."})
+    selection_dtype: str = field(
+        default="float64", metadata={"help": f"Precision of selection and re-fit, one of {SELECTION_DTYPES}."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for random selection and tie-breaking."})
     show_progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
 
@@ -138,6 +149,7 @@ class PrunerConfig:
         _check_choice("threshold", self.threshold, THRESHOLDS)
         _check_choice("stats_dtype", self.stats_dtype, STATS_DTYPES)
         _check_choice("activation_cache", self.activation_cache, CACHES)
+        _check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES)
         damping = self.refit_damping
         if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)) or (
             self.refit_damping < 0

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapters import ModelAdapter, PrunableBlock, adapter_for
+from .adapters.base import Resume
 from .algorithm import (
     REFIT_RIDGES,
     BlockStatistics,
@@ -40,6 +40,7 @@ from .statistics import (
     propagate,
     to_device,
 )
+from . import __version__
 
 __all__ = ["BlockReport", "ISpaSPPruner", "PruningReport", "kept_count"]
 
@@ -78,6 +79,8 @@ class PruningReport:
     seconds: float = 0.0
     seconds_calibration: float = 0.0
     seconds_selection: float = 0.0
+    # Bytes of calibration activations held per cache tier (device / cpu / disk) at the end of the prune.
+    activation_cache_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for strict JSON: a non-finite float (``refit_ridge=inf``: bias-only re-fit) becomes "inf"."""
@@ -101,7 +104,7 @@ class ISpaSPPruner:
 
     Blocks are pruned greedily in forward order: each block's statistics are computed on inputs produced by
     the already-pruned earlier blocks, with the dense block's own output as the target, so later blocks
-    correct the error of earlier ones. The caller's model is never modified: :meth:`prune` works on a copy.
+    correct the error of earlier ones. Only one layer is copied at a time (see :meth:`prune`).
 
     Args:
         model: A supported model (see :func:`hf_ispasp.supported_model_types`).
@@ -120,51 +123,77 @@ class ISpaSPPruner:
         self.report: PruningReport | None = None
 
     # ------------------------------------------------------------------------------------------------
-    def prune(self, calibration_data: Iterable[Any]) -> nn.Module:
-        """Prune a copy of the model on ``calibration_data`` and return it, physically compacted.
+    def prune(self, calibration_data: Iterable[Any], inplace: bool = False) -> nn.Module:
+        """Prune the model on ``calibration_data`` and return it, physically compacted.
+
+        Layers are pruned one at a time on a copy of that layer, which is swapped into the model while the prune
+        walks on; the model is never copied whole. With ``inplace=False`` (the default) the caller's model gets
+        its own layers back at the end and a new model is returned (the pruned layers plus a copy of the rest:
+        embeddings, heads); with ``inplace=True`` the caller's model itself becomes the pruned one and nothing
+        else is allocated. If the prune fails, the caller's model is left exactly as it was in both cases.
 
         Args:
             calibration_data: A DataLoader or iterable of dict batches (``input_ids``, ``attention_mask``, ...),
                 or a tokenized ``datasets.Dataset`` (batched with ``config.calibration_batch_size``). Labels are
                 ignored; padding tokens (``attention_mask == 0``) never enter the statistics.
+            inplace: Prune the given model instead of returning a pruned copy.
         """
         _check_model(self.model)
-        _check_overrides(self.config, adapter_for(self.model))
-        start = time.perf_counter()
-        model = copy.deepcopy(self.model)
-        was_training = model.training
-        model.eval()
+        model = self.model
         adapter = adapter_for(model)
+        _check_overrides(self.config, adapter)
+        start = time.perf_counter()
         device = _device(model)
         report = PruningReport()
         example = adapter.example_inputs()
         report.params_before = count_parameters(model)
         report.layer_params_before = count_parameters(list(adapter.layers()))
         report.flops_before = count_flops(model, to_device(example, device))
-        cache = ActivationCache(self.config.activation_cache)
+        originals = list(adapter.layers())
+        paths = _module_paths(model, originals)
+        was_training = model.training
+        swapped: dict[int, nn.Module] = {}
+        cache = ActivationCache(self.config.activation_cache, device)
+        restore = True
         try:
+            model.eval()
             with torch.no_grad():
-                self._prune(model, adapter, calibration_data, cache, device, report)
+                self._prune(model, adapter, originals, paths, swapped, calibration_data, cache, device, report)
+            report.activation_cache_bytes = cache.summary()
+            cache.close()
+            if inplace:
+                result, restore = model, False
+            else:  # the rest of the model is copied; the pruned layers are taken as they are
+                result = copy.deepcopy(model, {id(layer): layer for layer in swapped.values()})
         finally:
             cache.close()
-        report.params_after = count_parameters(model)
-        report.layer_params_after = count_parameters(list(adapter.layers()))
-        report.flops_after = count_flops(model, to_device(example, device))
+            if restore:
+                for index, original in enumerate(originals):
+                    if index in swapped:
+                        model.set_submodule(paths[index], original)
+            model.train(was_training)
+        result_adapter = adapter_for(result)
+        report.params_after = count_parameters(result)
+        report.layer_params_after = count_parameters(list(result_adapter.layers()))
+        report.flops_after = count_flops(result, to_device(example, device))
         report.seconds = time.perf_counter() - start
-        _record_metadata(model, adapter, self.config)
-        model.train(was_training)
+        _record_metadata(result, result_adapter, self.config)
+        result.train(was_training)
         self.report = report
         logger.info(
             "i-SpaSP: parameters %d -> %d (%.1f%%), FLOPs %.3g -> %.3g in %.1fs",
             report.params_before, report.params_after, 100 * report.params_after / max(report.params_before, 1),
             report.flops_before, report.flops_after, report.seconds,
         )
-        return model
+        return result
 
     def _prune(
         self,
         model: nn.Module,
         adapter: ModelAdapter,
+        originals: list[nn.Module],
+        paths: list[str],
+        swapped: dict[int, nn.Module],
         data: Iterable[Any],
         cache: ActivationCache,
         device: torch.device,
@@ -183,25 +212,38 @@ class ISpaSPPruner:
                            default=(0, ""))
         report.calibration_tokens = capture_layer_inputs(model, adapter, batches, cache, device, seed=config.seed)
         report.calibration_batches = len(cache)
-        layers = adapter.layers()
-        num_blocks = sum(len(adapter.blocks(i)) for i in range(len(layers)))
+        num_layers = len(originals)
+        num_blocks = sum(len(adapter.blocks(i)) for i in range(num_layers))
         stats_dtype = getattr(torch, config.stats_dtype)
         generator = torch.Generator().manual_seed(config.seed)
         selection_seconds = 0.0
+        resumable = True
         bar = tqdm(total=num_blocks, desc="i-SpaSP", unit="block", disable=not config.show_progress)
         try:
-            for index in range(len(layers)):
-                layer = layers[index]
-                for block in adapter.blocks(index):
-                    stats = collect_block_statistics(layer, adapter, block, cache, device, stats_dtype)
+            for index in range(num_layers):
+                layer = copy.deepcopy(originals[index])  # one dense layer at a time, never the whole model
+                model.set_submodule(paths[index], layer)
+                swapped[index] = layer
+                layer_device = _module_device(layer, device)
+                blocks = adapter.blocks(index)
+                last_layer = index + 1 == num_layers
+                resume = None if last_layer or not resumable else adapter.resume(index)
+                for position, block in enumerate(blocks):
+                    is_last = position + 1 == len(blocks)
+                    if is_last and resume is not None and index == 0 and not _resume_matches(
+                        layer, adapter, resume, cache, layer_device
+                    ):
+                        resumable, resume = False, None
+                    stats = collect_block_statistics(layer, adapter, block, cache, layer_device, stats_dtype,
+                                                     resume=resume if is_last else None)
                     self._reduce(stats)
                     t_sel = time.perf_counter()
                     report.blocks.append(self._prune_block(adapter, block, stats, generator))
                     selection_seconds += time.perf_counter() - t_sel
                     bar.update(1)
                     bar.set_postfix_str(block.name)
-                if index + 1 < len(layers):
-                    propagate(layer, adapter, cache, device)
+                if not last_layer:
+                    propagate(layer, adapter, cache, layer_device, resume)
         finally:
             bar.close()
         report.seconds_selection = selection_seconds
@@ -220,6 +262,7 @@ class ISpaSPPruner:
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator
     ) -> BlockReport:
         config = self.config
+        stats = stats.to(dtype=getattr(torch, config.selection_dtype))
         ratio = config.keep_ratio(block.layer, block.kind)
         keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1)
         weight = adapter.output_weight(block)
@@ -361,7 +404,7 @@ def _output_energy(stats: BlockStatistics, weight: torch.Tensor, result: Selecti
     """``sum_b ||W H_b||^2``, the scale of the relative residuals."""
     if result.relative_residual > 0:
         return result.residual / result.relative_residual
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    w = weight.detach().to(device=stats.gram.device, dtype=stats.gram.dtype)
     return float((w @ stats.gram * w).sum())
 
 
@@ -399,6 +442,48 @@ def _check_overrides(config: PrunerConfig, adapter: ModelAdapter) -> None:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where ``module`` computes: its first parameter's device (a model may span several devices)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else default
+
+
+def _module_paths(model: nn.Module, layers: list[nn.Module]) -> list[str]:
+    """Dotted path of every layer inside ``model`` (where a pruned copy is swapped in)."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    missing = [i for i, layer in enumerate(layers) if id(layer) not in names]
+    if missing:
+        raise RuntimeError(f"layers {missing} returned by the adapter are not submodules of the model")
+    return [names[id(layer)] for layer in layers]
+
+
+def _resume_matches(
+    layer: nn.Module, adapter: ModelAdapter, resume: Resume, cache: ActivationCache, device: torch.device
+) -> bool:
+    """Check once (first batch, first layer) that the adapter's resume tail reproduces the layer's output.
+
+    A wrong tail would silently corrupt every later layer's calibration; a mismatch (e.g. a custom adapter, or a
+    model whose layer forward differs from what the adapter assumes) falls back to running each layer whole.
+    """
+    entry = cache[0]
+    captured: list[torch.Tensor] = []
+    handle = resume.entry.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        full = adapter.layer_output(layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device)))
+    finally:
+        handle.remove()
+    if len(captured) == 1 and isinstance(captured[0], torch.Tensor):
+        resumed = resume.tail(captured[0])
+        tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 2e-2
+        if resumed.shape == full.shape and torch.allclose(resumed, full, rtol=tolerance, atol=tolerance):
+            return True
+    logger.warning(
+        "i-SpaSP: %s.resume() does not reproduce the layer's output on the first calibration batch; every layer "
+        "is run whole for propagation instead (correct, but slower).", type(adapter).__name__,
+    )
+    return False
 
 
 def _record_metadata(model: nn.Module, adapter: ModelAdapter, config: PrunerConfig) -> None:

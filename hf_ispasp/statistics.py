@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter, PrunableBlock
-from .algorithm import BlockStatistics
+from .adapters.base import ModelAdapter, PrunableBlock, Resume
+from .algorithm import BlockStatistics, accumulation_dtype
 
 __all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics", "sequence_folds"]
+
+logger = logging.getLogger(__name__)
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 
@@ -150,44 +153,144 @@ def _is_example(row: Mapping) -> bool:
     return torch.as_tensor(ids).dim() == 1
 
 
-class ActivationCache:
-    """Layer inputs of every calibration batch, on disk (flat memory) or in memory."""
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
-    def __init__(self, mode: str = "disk") -> None:
+
+def _pinned(value: Any) -> Any:
+    """A CPU copy of every tensor, page-locked so that the copy back to the accelerator is fast."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").pin_memory()
+    if isinstance(value, dict):
+        return {k: _pinned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pinned(v) for v in value)
+    return value
+
+
+def _available_host_bytes() -> int:
+    """Memory the OS can still give this process (``MemAvailable``; the physical size where that is unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 33
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        return _available_host_bytes()
+    return 0  # unknown accelerator: do not hold the cache there
+
+
+class ActivationCache:
+    """Layer inputs of every calibration batch while the prune walks the layers: in device memory, then pinned
+    CPU memory, then disk.
+
+    ``mode="auto"`` places each entry in the first tier with room: the device (up to ``DEVICE_SHARE`` of the
+    memory free when the prune starts, leaving the rest for the layer and its statistics), then page-locked CPU
+    memory (up to ``HOST_SHARE`` of the available host memory; only for an accelerator), then files in a
+    temporary folder that is removed at :meth:`close`. ``"device"``, ``"cpu"`` and ``"disk"`` force a tier
+    (``"memory"`` is the former name of ``"device"``). The first entry of each tier is logged.
+    """
+
+    DEVICE_SHARE = 0.5
+    HOST_SHARE = 0.5
+    TIERS = ("device", "cpu", "disk")
+
+    def __init__(self, mode: str = "auto", device: torch.device | str = "cpu") -> None:
+        mode = "device" if mode == "memory" else mode
+        if mode not in ("auto", *self.TIERS):
+            raise ValueError(f"activation_cache must be one of auto, device, cpu, disk (or memory), got {mode!r}")
         self.mode = mode
-        self._items: list[Any] = []
-        self._dir = tempfile.mkdtemp(prefix="hf_ispasp_cache_") if mode == "disk" else None
+        self.device = torch.device(device)
+        accelerator = self.device.type != "cpu"
+        if mode == "auto":
+            self._budget = {
+                "device": int(self.DEVICE_SHARE * _free_device_bytes(self.device)),
+                "cpu": int(self.HOST_SHARE * _available_host_bytes()) if accelerator else 0,
+                "disk": None,
+            }
+        else:
+            self._budget = {tier: (None if tier == mode else 0) for tier in self.TIERS}
+        self._used = dict.fromkeys(self.TIERS, 0)
+        self._items: list[tuple[str, Any, int]] = []
+        self._dir: str | None = None
+        self._logged: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._items)
 
     def append(self, entry: dict[str, Any]) -> None:
-        self._items.append(None)
+        self._items.append(("device", None, 0))
         self[len(self._items) - 1] = entry
 
+    def _tier(self, size: int) -> str:
+        for tier in self.TIERS:
+            budget = self._budget[tier]
+            if budget is None or self._used[tier] + size <= budget:
+                return tier
+        return "disk"
+
     def __setitem__(self, index: int, entry: dict[str, Any]) -> None:
-        if self._dir is None:
-            self._items[index] = entry
-            return
-        path = os.path.join(self._dir, f"{index}.pt")
-        torch.save(to_device(entry, "cpu"), path)
-        self._items[index] = path
+        old_tier, old_payload, old_size = self._items[index]
+        self._used[old_tier] -= old_size
+        if old_tier == "disk" and isinstance(old_payload, str):
+            os.remove(old_payload)
+        size = _nbytes(entry)
+        tier = self._tier(size)
+        if tier == "device":
+            payload: Any = entry
+        elif tier == "cpu":
+            payload = _pinned(entry) if self.device.type != "cpu" else to_device(entry, "cpu")
+        else:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="hf_ispasp_cache_")
+            payload = os.path.join(self._dir, f"{index}.pt")
+            torch.save(to_device(entry, "cpu"), payload)
+        self._used[tier] += size
+        self._items[index] = (tier, payload, size)
+        if tier not in self._logged:
+            self._logged.add(tier)
+            where = {"device": f"{self.device} memory", "cpu": "pinned CPU memory", "disk": f"disk ({self._dir})"}
+            logger.info("i-SpaSP: activation cache (%s) holds calibration batches in %s from batch %d on",
+                        self.mode, where[tier], index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self._items[index]
-        if self._dir is None:
-            return item
-        return torch.load(item, weights_only=False)  # our own temporary file
+        tier, payload, _ = self._items[index]
+        if tier == "disk":
+            return torch.load(payload, weights_only=False)  # our own temporary file
+        return payload
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index in range(len(self)):
             yield self[index]
+
+    def summary(self) -> dict[str, int]:
+        """Bytes held per tier now."""
+        return dict(self._used)
 
     def close(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         self._items = []
+        self._used = dict.fromkeys(self.TIERS, 0)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -282,20 +385,28 @@ def collect_block_statistics(
     device: torch.device,
     dtype: torch.dtype,
     progress: Any = None,
+    resume: Resume | None = None,
+    accumulate: torch.dtype | None = None,
 ) -> BlockStatistics:
     """One pass of ``layer`` over the cached inputs, stopping at ``block.down``: accumulate ``n, sum H, H^T H``.
 
-    The sums are kept per validation fold as well: the sequences of each fold are sliced out of the batch
-    (dimension 0 of the block's input) before their rows are taken. A block whose input does not keep the batch
-    in dimension 0 has its rows counted as unassigned (the re-fit then cannot be validated).
+    The sums stay on ``device`` (in ``accumulate``, by default :func:`accumulation_dtype`) and are kept per
+    validation fold as well: the sequences of each fold are sliced out of the batch (dimension 0 of the block's
+    input) before their rows are taken. A block whose input does not keep the batch in dimension 0 has its rows
+    counted as unassigned (the re-fit then cannot be validated).
+
+    ``resume`` (the layer's last block only): the input of ``resume.entry``, seen on the way to ``down``, replaces
+    the layer input in the cache, so :func:`propagate` finishes the layer from there with ``resume.tail`` instead
+    of running it whole a second time.
     """
     down = adapter.current_down(block)
     width = down.weight.shape[1] if isinstance(down, nn.Linear) else None
+    accumulate = accumulation_dtype(device) if accumulate is None else accumulate
     state: dict[str, Any] = {}
 
     def add(rows: torch.Tensor, fold: int | None) -> None:
         if "stats" not in state:
-            state["stats"] = BlockStatistics(width or rows.shape[-1])
+            state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate)
         state["stats"].update(rows, dtype, fold)
 
     def hook(module: nn.Module, args: tuple) -> None:
@@ -315,18 +426,36 @@ def collect_block_statistics(
             add(adapter.hidden_rows(block, hidden.index_select(0, index), part_mask), fold)
         raise _StopForward
 
-    handle = down.register_forward_pre_hook(hook)
+    def entry_hook(module: nn.Module, args: tuple) -> None:
+        state["entries"].append(args[0] if args else None)
+
+    handles = [down.register_forward_pre_hook(hook)]
+    if resume is not None:
+        handles.append(resume.entry.register_forward_pre_hook(entry_hook))
     try:
-        for entry in cache:
-            state["mask"], state["folds"] = entry["mask"], entry.get("folds")
+        for index in range(len(cache)):
+            entry = cache[index]
+            state["mask"], state["folds"], state["entries"] = entry["mask"], entry.get("folds"), []
+            state["mask"] = state["mask"].to(device) if state["mask"] is not None else None
+            folds = state["folds"]
+            state["folds"] = folds.to(device) if folds is not None else None
             try:
                 layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device))
             except _StopForward:
                 pass
+            captured = state["entries"]
+            # Resume only from exactly one call with a tensor (a chunked feed-forward calls its entry per chunk).
+            if resume is not None and len(captured) == 1 and isinstance(captured[0], torch.Tensor):
+                entry["args"], entry["kwargs"] = adapter.replace_hidden_states(
+                    entry["args"], entry["kwargs"], captured[0].detach()
+                )
+                entry["resumed"] = True
+                cache[index] = entry
             if progress is not None:
                 progress.update(1)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     stats = state.get("stats")
     if stats is None:
         raise CalibrationError(f"{block.name}: the block was never executed on the calibration data")
@@ -338,12 +467,23 @@ def collect_block_statistics(
     return stats
 
 
-def propagate(layer: nn.Module, adapter: ModelAdapter, cache: ActivationCache, device: torch.device) -> None:
-    """Replace every cached input by the output of ``layer`` (already pruned): the next layer's inputs."""
+def propagate(
+    layer: nn.Module, adapter: ModelAdapter, cache: ActivationCache, device: torch.device,
+    resume: Resume | None = None,
+) -> None:
+    """Replace every cached input by the output of ``layer`` (already pruned): the next layer's inputs.
+
+    Entries marked ``resumed`` hold the input of ``resume.entry`` and only run ``resume.tail``.
+    """
     for index in range(len(cache)):
         entry = cache[index]
         args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
-        hidden = adapter.layer_output(layer(*args, **kwargs))
+        if entry.pop("resumed", False):
+            if resume is None:
+                raise RuntimeError("a cached entry was captured for resuming but no resume point was given")
+            hidden = resume.tail(adapter.layer_hidden_states(args, kwargs))
+        else:
+            hidden = adapter.layer_output(layer(*args, **kwargs))
         if not torch.isfinite(hidden).all():
             raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
         entry["args"], entry["kwargs"] = adapter.replace_hidden_states(entry["args"], entry["kwargs"], hidden)

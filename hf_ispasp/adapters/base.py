@@ -20,6 +20,7 @@ __all__ = [
     "ADAPTER_REGISTRY",
     "ModelAdapter",
     "PrunableBlock",
+    "Resume",
     "UnsupportedModelError",
     "adapter_for",
     "register_adapter",
@@ -45,6 +46,21 @@ class PrunableBlock:
     down: nn.Module
     group_size: int
     num_groups: int
+
+
+@dataclass
+class Resume:
+    """Where a layer can be finished without running it from the start.
+
+    ``entry`` is a module that runs, once per forward, after the layer's earlier blocks and before the last
+    block's ``down``; ``tail(x)`` maps the first positional input ``x`` of ``entry`` to the layer's output hidden
+    states, with the layer's current (possibly compacted) modules, e.g. for BERT
+    ``tail(x) = layer.output(layer.intermediate(x), x)``. The engine caches ``x`` during the last block's
+    statistics pass and propagates with ``tail``: each layer then runs at most twice per batch.
+    """
+
+    entry: nn.Module
+    tail: Callable[[torch.Tensor], torch.Tensor]
 
 
 logger = logging.getLogger(__name__)
@@ -240,6 +256,13 @@ class ModelAdapter(ABC):
             down.weight.copy_(weight.reshape(down.weight.shape).to(down.weight.dtype))
             if bias is not None and down.bias is not None:
                 down.bias.copy_(bias.to(down.bias.dtype))
+
+    def resume(self, layer: int) -> Resume | None:
+        """How to finish ``layer`` from the input of a module upstream of its last block (``None``: run it whole).
+
+        Overridden by adapters whose layer ends with a feed-forward sub-block that can be called on its own.
+        """
+        return None
 
     def current_down(self, block: PrunableBlock) -> nn.Module:
         """``block.down`` after compaction (slicing may have replaced the module)."""

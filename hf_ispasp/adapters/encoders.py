@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..surgery import group_columns, slice_linear_in, slice_linear_out
-from .base import ModelAdapter, PrunableBlock, register_adapter
+from .base import ModelAdapter, PrunableBlock, Resume, register_adapter
 
 __all__ = ["BertLikeAdapter", "DistilBertAdapter", "EncoderLayout", "TransformerEncoderAdapter"]
 
@@ -159,6 +159,12 @@ class BertLikeAdapter(TransformerEncoderAdapter):
 
     layout = _BERT
 
+    def resume(self, layer: int) -> Resume | None:
+        module = self.layers()[layer]
+        if getattr(module, "chunk_size_feed_forward", 0):  # the feed-forward runs per chunk: no single entry
+            return None
+        return Resume(module.intermediate, lambda x: module.output(module.intermediate(x), x))
+
 
 @register_adapter("distilbert")
 class DistilBertAdapter(TransformerEncoderAdapter):
@@ -173,3 +179,7 @@ class DistilBertAdapter(TransformerEncoderAdapter):
         ffn_down="ffn.lin2",
         head_count_attr="n_heads",
     )
+
+    def resume(self, layer: int) -> Resume | None:
+        module = self.layers()[layer]
+        return Resume(module.ffn, lambda x: module.output_layer_norm(module.ffn(x) + x))

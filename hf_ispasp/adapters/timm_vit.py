@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..surgery import group_columns, slice_linear_in, slice_linear_out
-from .base import ModelAdapter, PrunableBlock, register_adapter
+from .base import ModelAdapter, PrunableBlock, Resume, register_adapter
 from .timm_cnn import TimmImageMixin
 
 __all__ = ["TimmViTAdapter"]
@@ -53,6 +53,10 @@ class TimmViTAdapter(TimmImageMixin, ModelAdapter):
             PrunableBlock(f"blocks.{layer}.attn", "heads", layer, attn.proj, attn.head_dim, attn.num_heads),
             PrunableBlock(f"blocks.{layer}.mlp", "ffn", layer, block.mlp.fc2, 1, block.mlp.fc2.in_features),
         ]
+
+    def resume(self, layer: int) -> Resume | None:
+        block = self.layers()[layer]
+        return Resume(block.norm2, lambda x: x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
     def current_down(self, block: PrunableBlock) -> nn.Module:
         layer = self.layers()[block.layer]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import register_adapter
+from .base import Resume, register_adapter
 from .encoders import EncoderLayout, TransformerEncoderAdapter, _get
 
 __all__ = ["ViTAdapter"]
@@ -36,6 +36,10 @@ class ViTAdapter(TransformerEncoderAdapter):
 
     def head_dim(self, layer: int = 0) -> int:
         return int(_get(self.layers()[layer], self.layout.attention).head_dim)
+
+    def resume(self, layer: int) -> Resume | None:
+        module = self.layers()[layer]
+        return Resume(module.layernorm_after, lambda x: x + module.dropout(module.mlp(module.layernorm_after(x))))
 
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[tuple, dict[str, Any], torch.Tensor | None]:
         from ..vision import image_tensor
