@@ -31,7 +31,8 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hf_ispasp import recipes  # noqa: E402
+from demo import recipes  # noqa: E402
+from hf_ispasp import classification  # noqa: E402
 from hf_ispasp.metrics import count_flops  # noqa: E402
 
 CALIBRATION_SIZE = 512
@@ -153,8 +154,8 @@ class Task:
         return DataLoader(data, batch_size=batch_size, collate_fn=DataCollatorWithPadding(self.tokenizer))
 
     def evaluate(self, model: Any) -> dict[str, float]:
-        logits = recipes.predict_logits(model, self.test, self.tokenizer)
-        result = recipes.classification_metrics(logits, self.test["label"], self.dense_logits)
+        logits = classification.predict_logits(model, self.test, self.tokenizer)
+        result = classification.classification_metrics(logits, self.test["label"], self.dense_logits)
         result["flops"] = flops(model, self.tiny)
         result["flops_ratio"] = result["flops"] / self.dense_flops
         return result
@@ -175,7 +176,7 @@ def tiny_model_folder(path: Path) -> str:
     """A randomly initialised 2-layer BERT classifier with odd widths, saved with the MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from hf_ispasp.assets import minilm_path
+    from demo.assets import minilm_path
 
     if (path / "config.json").exists():
         return str(path)
@@ -199,7 +200,7 @@ def load_task(tiny: bool = False, calibration_size: int = CALIBRATION_SIZE, test
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hf_ispasp.assets import polarity_dataset
+    from demo.assets import polarity_dataset
 
     torch.manual_seed(0)
     if tiny:
@@ -212,15 +213,15 @@ def load_task(tiny: bool = False, calibration_size: int = CALIBRATION_SIZE, test
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     model.eval()
     data = polarity_dataset()
-    train = recipes.tokenize_dataset(data["train"], tokenizer)
-    test = recipes.tokenize_dataset(data["test"], tokenizer)
+    train = classification.tokenize_dataset(data["train"], tokenizer)
+    test = classification.tokenize_dataset(data["test"], tokenizer)
     if test_size is not None:
         test = test.select(range(min(test_size, len(test))))
     if tiny:
         train = train.select(range(64))
     calibration = train.shuffle(seed=CALIBRATION_SEED).select(range(min(calibration_size, len(train))))
-    dense_logits = recipes.predict_logits(model, test, tokenizer)
-    dense_metrics = recipes.classification_metrics(dense_logits, test["label"], dense_logits)
+    dense_logits = classification.predict_logits(model, test, tokenizer)
+    dense_metrics = classification.classification_metrics(dense_logits, test["label"], dense_logits)
     dense_flops = flops(model, tiny)
     dense_metrics["flops"] = dense_flops
     dense_metrics["flops_ratio"] = 1.0

@@ -1,6 +1,6 @@
 """Recovery after pruning: one-shot vs 1-epoch fine-tune without / with distillation from the dense model.
 
-MiniLM-L6 fine-tuned on sentence polarity (``recipes.finetuned_minilm_polarity()``), pruned with the default
+MiniLM-L6 fine-tuned on sentence polarity (``demo.recipes.finetuned_minilm_polarity()``), pruned with the default
 i-SpaSP settings on 512 training sentences at FFN 0.5 / heads 0.75 and FFN 0.25 / heads 0.5, then fine-tuned
 for one epoch on the 3200 training sentences with ``DistillationTrainer``: task loss only, and task loss
 mixed with the temperature-scaled logit KL to the dense model. Test metrics on the 800 test sentences:

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from hf_ispasp import recipes
+        from demo import recipes
 
         model = AutoModelForSequenceClassification.from_pretrained(recipes.finetuned_minilm_polarity())
         repeats = args.repeats

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from hf_ispasp import ISpaSPPruner, PrunerConfig, recipes  # noqa: E402
+from demo import recipes  # noqa: E402
+from hf_ispasp import ISpaSPPruner, PrunerConfig  # noqa: E402
 
 NAME = "selection_rules"
 RULES: dict[str, dict[str, Any]] = {

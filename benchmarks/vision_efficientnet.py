@@ -2,10 +2,10 @@
 the same FLOPs, one-shot and after a short fine-tune, in the style of the paper's ImageNet table.
 
 The dense model is timm ``tf_efficientnet_lite0`` with the ImageNet weights mapped by position
-(``hf_ispasp.vision.efficientnet_lite0``), fine-tuned for one epoch on a 10k-image Fashion-MNIST subset
-(grey -> 3 channels, 64 px) and cached under ``hf_ispasp.assets.cache_dir()``. Pruning touches the expansion
+(``demo.vision.efficientnet_lite0``), fine-tuned for one epoch on a 10k-image Fashion-MNIST subset
+(grey -> 3 channels, 64 px) and cached under ``demo.assets.cache_dir()``. Pruning touches the expansion
 channels of every inverted-residual block (``ffn_keep_ratio``, uniform); the ratio is chosen by bisection
-(``hf_ispasp.vision.ffn_ratio_for_flops``) to hit the requested fraction of dense FLOPs at 64 px.
+(``hf_ispasp.budget.ffn_ratio_for_flops``) to hit the requested fraction of dense FLOPs at 64 px.
 
     python benchmarks/vision_efficientnet.py                 # ~30 min on 2 busy cores (+20 min once: dense)
     python benchmarks/vision_efficientnet.py --dense-only    # only fine-tune and cache the dense model
@@ -25,16 +25,11 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from demo.assets import cache_dir, fashion_mnist  # noqa: E402
+from demo.vision import ImageBatches, efficientnet_lite0, evaluate_accuracy, train_classifier  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned, save_pruned  # noqa: E402
-from hf_ispasp.assets import cache_dir, fashion_mnist  # noqa: E402
+from hf_ispasp.budget import ffn_ratio_for_flops  # noqa: E402
 from hf_ispasp.metrics import count_flops, count_parameters, latency_ratio  # noqa: E402
-from hf_ispasp.vision import (  # noqa: E402
-    ImageBatches,
-    efficientnet_lite0,
-    evaluate_accuracy,
-    ffn_ratio_for_flops,
-    train_classifier,
-)
 
 NAME = "vision_efficientnet"
 

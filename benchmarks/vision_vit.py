@@ -2,7 +2,7 @@
 with weight magnitude at the same budget: top-1 one-shot and after a short fine-tune.
 
 It covers the ViT adapter with a model that has learned something; it is not a claim about large ViTs.
-The trained model is cached under ``hf_ispasp.assets.cache_dir()``.
+The trained model is cached under ``demo.assets.cache_dir()``.
 
     python benchmarks/vision_vit.py           # ~10 min on 2 busy cores
     python benchmarks/vision_vit.py --tiny    # seconds
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from demo.assets import cache_dir, fashion_mnist  # noqa: E402
+from demo.vision import ImageBatches, evaluate_accuracy, train_classifier  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned, save_pruned  # noqa: E402
-from hf_ispasp.assets import cache_dir, fashion_mnist  # noqa: E402
 from hf_ispasp.metrics import count_flops, count_parameters  # noqa: E402
-from hf_ispasp.vision import ImageBatches, evaluate_accuracy, train_classifier  # noqa: E402
 
 NAME = "vision_vit"
 

@@ -20,24 +20,23 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the repository's demo/ package (offline data, train / evaluate loop)
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from demo.assets import fashion_mnist, mnist5k  # noqa: E402
+from demo.vision import ImageBatches, efficientnet_lite0_state_dict, evaluate_accuracy, train_classifier  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, save_pruned  # noqa: E402
-from hf_ispasp.assets import fashion_mnist, mnist5k  # noqa: E402
+from hf_ispasp.budget import ffn_ratio_for_flops  # noqa: E402
 from hf_ispasp.metrics import count_flops  # noqa: E402
-from hf_ispasp.vision import (  # noqa: E402
-    ImageBatches,
-    create_timm_model,
-    efficientnet_lite0_state_dict,
-    evaluate_accuracy,
-    ffn_ratio_for_flops,
-    train_classifier,
-)
+from hf_ispasp.timm_format import create_timm_model  # noqa: E402
 
 logger = logging.getLogger("prune_image_classification")
 

@@ -39,8 +39,8 @@ from transformers import (
 )
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, save_pruned
+from hf_ispasp.classification import classification_metrics
 from hf_ispasp.distributed import destroy_process_group, shard_calibration_data
-from hf_ispasp.recipes import classification_metrics
 from hf_ispasp.training import DistillationArguments, DistillationTrainer, iterative_prune, pruning_model_card
 
 logger = logging.getLogger(__name__)

@@ -5,9 +5,7 @@ arXiv:2112.04905) selects the attention heads, FFN neurons or channels to keep b
 each block's hidden representation.
 """
 
-__version__ = "0.1.0"
-
-from .adapters import (  # noqa: E402
+from .adapters import (
     ModelAdapter,
     PrunableBlock,
     UnsupportedModelError,
@@ -15,10 +13,11 @@ from .adapters import (  # noqa: E402
     register_adapter,
     supported_model_types,
 )
-from .config import PrunerConfig  # noqa: E402
-from .pruner import ISpaSPPruner, PruningReport  # noqa: E402
-from .serialization import CheckpointFolderError, CheckpointMismatchError, load_pruned, save_pruned  # noqa: E402
-from .statistics import CalibrationError  # noqa: E402
+from .config import PrunerConfig
+from .pruner import ISpaSPPruner, PruningReport
+from .serialization import CheckpointFolderError, CheckpointMismatchError, load_pruned, save_pruned
+from .statistics import CalibrationError
+from .version import __version__
 
 __all__ = [
     "CalibrationError",

@@ -40,7 +40,7 @@ from .statistics import (
     propagate,
     to_device,
 )
-from . import __version__
+from .version import __version__
 
 __all__ = ["BlockReport", "ISpaSPPruner", "PruningReport", "kept_count"]
 

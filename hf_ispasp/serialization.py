@@ -19,9 +19,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import timm_format
 from .adapters import adapter_for
 from .atomic import CheckpointFolderError, atomic_directory, readable_folder
 from .record import METADATA_KEY
+from .strict_load import CheckpointMismatchError, load_state_dict_checked
 
 __all__ = [
     "CheckpointFolderError",
@@ -29,6 +31,7 @@ __all__ = [
     "atomic_directory",
     "load_pruned",
     "load_state_dict_checked",
+    "looks_like_hub_id",
     "register_format",
     "save_pruned",
 ]
@@ -41,19 +44,20 @@ _SAVERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module, str], None
 _LOADERS: list[tuple[Callable[[str], bool], Callable[..., nn.Module]]] = []
 
 
-class CheckpointMismatchError(ValueError):
-    """The weights of a checkpoint do not match the widths recorded in its pruning metadata."""
-
-
 def register_format(
     matches: Callable[[nn.Module], bool],
     save: Callable[[nn.Module, str], None],
     detect: Callable[[str], bool],
     load: Callable[..., nn.Module],
 ) -> None:
-    """Teach :func:`save_pruned` / :func:`load_pruned` another checkpoint format (used by the timm support)."""
+    """Teach :func:`save_pruned` / :func:`load_pruned` another checkpoint format (timm's is registered below)."""
     _SAVERS.append((matches, save))
     _LOADERS.append((detect, load))
+
+
+# Built in: timm models (imported lazily by the format's functions, so this costs nothing without timm).
+register_format(timm_format.is_timm_model, timm_format.save_timm_pruned, timm_format.is_timm_folder,
+                timm_format.load_timm_pruned)
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, **kwargs: Any) -> None:
@@ -108,37 +112,6 @@ def _state_dict_files(path: str) -> list[str]:
     if not single:
         raise FileNotFoundError(f"no model.safetensors in {path}; save the pruned model with save_pretrained")
     return [single]
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names the modules whose shapes disagree with the (pruned) skeleton."""
-    params = dict(model.state_dict(keep_vars=True))
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs recorded {tuple(params[key].shape)}"
-        for key, value in state.items()
-        if key in params and tuple(params[key].shape) != tuple(value.shape)
-    ]
-    unexpected = sorted(set(state) - set(params))
-    # Tied parameters (e.g. an MLM decoder sharing the embeddings) are stored once.
-    by_id: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_id.setdefault(id(tensor), []).append(name)
-    missing = sorted(
-        key for key in set(params) - set(state) if not any(alias in state for alias in by_id[id(params[key])])
-    )
-    if mismatched or unexpected or missing:
-        modules = sorted({m.split(":")[0].rsplit(".", 1)[0] for m in mismatched})
-        raise CheckpointMismatchError(
-            f"the weights in {source} do not match the widths recorded in its pruning metadata "
-            f"(config.{METADATA_KEY}).\n"
-            + (f"Modules with mismatched shapes: {modules}\n  " + "\n  ".join(mismatched[:20]) + "\n"
-               if mismatched else "")
-            + (f"Missing keys: {missing[:20]}\n" if missing else "")
-            + (f"Unexpected keys: {unexpected[:20]}\n" if unexpected else "")
-            + "Re-save the pruned model with save_pretrained (which writes both), or fix config.json's "
-            f"'{METADATA_KEY}' record."
-        )
-    model.load_state_dict(state, strict=False)
 
 
 def _to_module_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     mlxtend==0.25.0 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
-"$PY" -m hf_ispasp.assets 2> >(grep -v "is ignored: it is neither" >&2)
+# demo/ (repository only, not installed) fetches the assets: the library itself never runs pip.
+(cd "$ROOT" && "$PY" -m demo.assets) 2> >(grep -v "is ignored: it is neither" >&2)
 # Fashion-MNIST comes from Debian; optional (vision benchmarks), so a machine without apt still works.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \

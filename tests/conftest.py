@@ -84,7 +84,7 @@ def save_tiny_classifier(folder) -> None:
     """A random 2-layer BERT sentence classifier with the (real) MiniLM tokenizer, saved to ``folder``."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from hf_ispasp.assets import minilm_path
+    from demo.assets import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)

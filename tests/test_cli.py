@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     """A random 2-layer BERT sentence classifier with the MiniLM tokenizer, and a csv of real sentences."""
-    from hf_ispasp.assets import polarity_csv
+    from demo.assets import polarity_csv
 
     root = tmp_path_factory.mktemp("cli")
     save_tiny_classifier(root / "model")

@@ -22,7 +22,7 @@ SCRIPT = ROOT / "examples" / "prune_text_classification.py"
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A random 2-layer BERT classifier saved with the MiniLM tokenizer, and csv files of polarity sentences."""
-    from hf_ispasp.assets import polarity_csv
+    from demo.assets import polarity_csv
 
     root = tmp_path_factory.mktemp("examples")
     save_tiny_classifier(root / "model")
@@ -79,7 +79,7 @@ def _dev_metrics(root: Path, out: Path) -> tuple[float, float]:
     from transformers import AutoTokenizer
 
     from hf_ispasp import load_pruned
-    from hf_ispasp.recipes import predict_logits
+    from hf_ispasp.classification import predict_logits
 
     model = load_pruned(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)

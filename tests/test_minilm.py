@@ -12,8 +12,8 @@ from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
 def minilm():
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_ispasp.assets import minilm_path, polarity_dataset
-    from hf_ispasp.recipes import calibration_loader, tokenize_dataset
+    from demo.assets import minilm_path, polarity_dataset
+    from hf_ispasp.classification import calibration_loader, tokenize_dataset
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -25,9 +25,9 @@ def minilm():
 
 
 def _embed(model, tokenizer, test):
-    from hf_ispasp.recipes import _collator
+    from hf_ispasp.classification import padding_collator
 
-    batch = _collator(tokenizer)(test.remove_columns(["label"])[:64])
+    batch = padding_collator(tokenizer)(test.remove_columns(["label"])[:64])
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"][..., None]

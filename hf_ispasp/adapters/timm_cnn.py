@@ -50,7 +50,7 @@ class TimmImageMixin:
     model: nn.Module
 
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[tuple, dict[str, Any], torch.Tensor | None]:
-        from ..vision import image_tensor
+        from .inputs import image_tensor
 
         images = image_tensor(batch, device)
         dtype = next(self.model.parameters()).dtype

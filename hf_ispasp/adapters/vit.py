@@ -42,7 +42,7 @@ class ViTAdapter(TransformerEncoderAdapter):
         return Resume(module.layernorm_after, lambda x: x + module.dropout(module.mlp(module.layernorm_after(x))))
 
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[tuple, dict[str, Any], torch.Tensor | None]:
-        from ..vision import image_tensor
+        from .inputs import image_tensor
 
         images = image_tensor(batch, device)
         dtype = next(self.model.parameters()).dtype

@@ -1,15 +1,12 @@
-"""Shared task plumbing for the demo, benchmarks, examples and tests: tokenize, fine-tune (cached), evaluate.
+"""Sequence-classification plumbing shared by ``hf-ispasp prune``, the examples, benchmarks and tests: tokenize,
+batch for calibration, predict, score.
 
-Kept in the library so that scripts do not copy it; everything here goes through the ordinary
-transformers / datasets APIs.
+Everything here goes through the ordinary transformers / datasets APIs, so scripts do not copy it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,19 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .assets import cache_dir, minilm_path, polarity_dataset
-from .atomic import atomic_directory
-
 __all__ = [
     "calibration_loader",
     "classification_metrics",
-    "finetune_classifier",
-    "finetuned_minilm_polarity",
+    "padding_collator",
     "predict_logits",
     "tokenize_dataset",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 64
 
@@ -43,7 +34,8 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, max_length: int = MAX_LENGTH,
     )
 
 
-def _collator(tokenizer: Any) -> Any:
+def padding_collator(tokenizer: Any) -> Any:
+    """``DataCollatorWithPadding``: each batch padded to its own longest sequence."""
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer)
@@ -54,7 +46,7 @@ def calibration_loader(tokenized: Any, tokenizer: Any, num_samples: int = 512, b
     """A DataLoader over ``num_samples`` examples (labels dropped), padded per batch."""
     subset = tokenized.shuffle(seed=seed).select(range(min(num_samples, len(tokenized))))
     subset = subset.remove_columns([c for c in subset.column_names if c in ("label", "labels")])
-    return DataLoader(subset, batch_size=batch_size, collate_fn=_collator(tokenizer))
+    return DataLoader(subset, batch_size=batch_size, collate_fn=padding_collator(tokenizer))
 
 
 @torch.no_grad()
@@ -62,7 +54,7 @@ def predict_logits(model: nn.Module, tokenized: Any, tokenizer: Any, batch_size:
     """Logits of a sequence classifier on a tokenized dataset, in order."""
     model.eval()
     data = tokenized.remove_columns([c for c in tokenized.column_names if c in ("label", "labels")])
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=_collator(tokenizer))
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=padding_collator(tokenizer))
     device = next(model.parameters()).device
     out = [model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu() for batch in loader]
     return torch.cat(out)
@@ -82,45 +74,3 @@ def classification_metrics(
         cur = torch.log_softmax(logits.double(), -1)
         result["kl"] = float((ref.exp() * (ref - cur)).sum(-1).mean())
     return result
-
-
-def finetune_classifier(
-    model: nn.Module, tokenizer: Any, train: Any, output_dir: str, epochs: float = 1.0, lr: float = 5e-5,
-    batch_size: int = 32, seed: int = 0, max_steps: int = -1, **kwargs: Any,
-) -> nn.Module:
-    """Plain ``Trainer`` fine-tune (no evaluation, no checkpoints kept)."""
-    from transformers import Trainer, TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
-        seed=seed, data_seed=seed, save_strategy="no", report_to=[], logging_steps=50, max_steps=max_steps,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **kwargs,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=_collator(tokenizer))
-    trainer.train()
-    return trainer.model
-
-
-def finetuned_minilm_polarity(epochs: float = 1.0, seed: int = 0) -> str:
-    """Folder of MiniLM-L6 fine-tuned on the sentence-polarity train split (trained once, then cached)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    target = Path(cache_dir()) / f"minilm-l6-polarity-e{epochs:g}-s{seed}"
-    if (target / "model.safetensors").exists():
-        return str(target)
-    logger.info("fine-tuning MiniLM-L6 on sentence polarity (cached in %s)", target)
-    source = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
-    data = polarity_dataset()
-    train = tokenize_dataset(data["train"], tokenizer)
-    work = os.path.join(cache_dir(), "trainer-tmp")
-    model = finetune_classifier(model, tokenizer, train, work, epochs=epochs, seed=seed)
-
-    def write(tmp: str) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    atomic_directory(target, write)
-    return str(target)

