@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -115,7 +116,7 @@ class BlockStatistics:
         with ieee_float32():
             total = rows.sum(0).to(self.dtype)
             gram = (rows.T @ rows).to(self.dtype)
-        count = torch.tensor(float(rows.shape[0]), dtype=self.dtype, device=self.device)
+        count = float(rows.shape[0])  # a Python number: no host-to-device copy per batch
         self._add("count", count)
         self._add("total", total)
         self._add("gram", gram)
@@ -126,14 +127,14 @@ class BlockStatistics:
         elif fold is None:
             self._add("unassigned", count)
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
+    def _add(self, name: str, value: torch.Tensor | float) -> None:
         target = getattr(self, name)
         if self.dtype == torch.float64:
             target += value
             return
         # Kahan: c holds the low-order bits lost by the previous additions.
         c = self._compensation.setdefault(name, torch.zeros_like(target))
-        y = value - c
+        y = -c + value
         t = target + y
         c.copy_((t - target) - y)
         target.copy_(t)
@@ -206,6 +207,7 @@ class _Problem:
         self.energy = stats.gram * (self.weight.T @ self.weight)  # E = G * P
         self.num_groups = stats.width // group_size
         self.full_energy = float(self.energy.sum())
+        self._host: tuple[np.ndarray, np.ndarray] | None = None
 
     def dropped_mask(self, support: torch.Tensor) -> torch.Tensor:
         mask = torch.ones(self.num_groups, dtype=self.gram.dtype, device=self.gram.device)
@@ -239,20 +241,35 @@ class _Problem:
         raise ValueError(f"unknown score {kind!r}")
 
     def residual_threshold(self, merged: torch.Tensor, keep: int) -> torch.Tensor:
-        """Backward elimination on the merged support with the exact residual (no re-solve)."""
+        """Backward elimination on the merged support with the exact residual (no re-solve).
+
+        One group leaves per step, so the loop is inherently sequential: it runs on the host on a cached copy of
+        the group-level energy (a GPU would spend its time launching a handful of tiny kernels per step), after
+        ``E m`` is formed where the statistics live.
+        """
         g = self.group_size
-        support = merged.clone()
-        energy_m = self.energy @ self.dropped_mask(support)  # E m
-        blocks = self.energy.reshape(self.num_groups, g, self.num_groups, g)
-        self_energy = torch.diagonal(blocks.sum((1, 3)))
-        while support.numel() > keep:
-            # Residual increase when group j joins the dropped set: 2 (E m)_j + E_jj.
-            increase = 2 * _group_sum(energy_m, g)[support] + self_energy[support]
-            drop = int(torch.argsort(increase, stable=True)[0])
-            cols = group_columns(support[drop : drop + 1], g)
-            energy_m += self.energy[:, cols].sum(1)
-            support = torch.cat([support[:drop], support[drop + 1 :]])
-        return support
+        energy_t, self_energy = self._host_energy()
+        candidate = np.zeros(self.num_groups, dtype=bool)
+        candidate[merged.cpu().numpy()] = True
+        energy_m = _group_sum(self.energy @ self.dropped_mask(merged), g).cpu().numpy()  # E m, per group
+        remaining = int(candidate.sum())
+        while remaining > keep:
+            # Residual increase when group j joins the dropped set: 2 (E m)_j + E_jj (ties: the lower index).
+            increase = np.where(candidate, 2 * energy_m + self_energy, np.inf)
+            drop = int(np.argmin(increase))
+            candidate[drop] = False
+            remaining -= 1
+            energy_m += energy_t[drop]
+        return torch.from_numpy(np.flatnonzero(candidate)).to(merged.device)
+
+    def _host_energy(self) -> tuple[np.ndarray, np.ndarray]:
+        """Group-level energy (transposed: row j = column j) and its diagonal, on the host, computed once."""
+        if self._host is None:
+            g = self.group_size
+            groups = self.energy.reshape(self.num_groups, g, self.num_groups, g).sum((1, 3))
+            host = groups.cpu().numpy()
+            self._host = (np.ascontiguousarray(host.T), np.diagonal(host).copy())
+        return self._host
 
     def refit_threshold(
         self, merged: torch.Tensor, keep: int, centered: bool, damping: float, anchored: bool = False

@@ -31,6 +31,7 @@ from .algorithm import (
 from .config import PrunerConfig, kept_count
 from .importance import taylor_scores
 from .metrics import count_flops, count_parameters
+from .offload import execution_device, has_offload, materialized_copy, offload
 from .record import METADATA_KEY
 from .statistics import (
     ActivationCache,
@@ -140,6 +141,12 @@ class ISpaSPPruner:
         """
         _check_model(self.model)
         model = self.model
+        offloaded = has_offload(model)
+        if offloaded and not inplace:
+            raise ValueError(
+                "the model is dispatched with CPU or disk offload (device_map); a pruned copy next to it would not "
+                "fit either: call pruner.prune(data, inplace=True), which prunes it layer by layer in place"
+            )
         adapter = adapter_for(model)
         _check_overrides(self.config, adapter)
         start = time.perf_counter()
@@ -221,10 +228,13 @@ class ISpaSPPruner:
         bar = tqdm(total=num_blocks, desc="i-SpaSP", unit="block", disable=not config.show_progress)
         try:
             for index in range(num_layers):
-                layer = copy.deepcopy(originals[index])  # one dense layer at a time, never the whole model
+                original = originals[index]
+                offloaded = has_offload(original)
+                layer_device = execution_device(original, device)
+                # One dense layer at a time, never the whole model; an offloaded layer's weights are loaded first.
+                layer = materialized_copy(original, layer_device) if offloaded else copy.deepcopy(original)
                 model.set_submodule(paths[index], layer)
                 swapped[index] = layer
-                layer_device = _module_device(layer, device)
                 blocks = adapter.blocks(index)
                 last_layer = index + 1 == num_layers
                 resume = None if last_layer or not resumable else adapter.resume(index)
@@ -244,6 +254,9 @@ class ISpaSPPruner:
                     bar.set_postfix_str(block.name)
                 if not last_layer:
                     propagate(layer, adapter, cache, layer_device, resume)
+                if offloaded:  # back to CPU memory: the device holds one layer at a time
+                    offload(layer, layer_device)
+                    _note_offload(model, paths[index])
         finally:
             bar.close()
         report.seconds_selection = selection_seconds
@@ -412,6 +425,8 @@ def _check_model(model: nn.Module) -> None:
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters")
+    if has_offload(model):
+        return  # weights live in accelerate's offload maps; they are checked as each layer is loaded
     if any(p.device.type == "meta" for p in params):
         raise ValueError("the model has weights on the 'meta' device; load real weights before pruning")
     bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -441,13 +456,19 @@ def _check_overrides(config: PrunerConfig, adapter: ModelAdapter) -> None:
 
 
 def _device(model: nn.Module) -> torch.device:
+    """Where calibration inputs go: the main device of a dispatched model, else the first parameter's device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and device_map:
+        accelerators = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        return torch.device(accelerators[0]) if accelerators else torch.device("cpu")
     return next(model.parameters()).device
 
 
-def _module_device(module: nn.Module, default: torch.device) -> torch.device:
-    """Where ``module`` computes: its first parameter's device (a model may span several devices)."""
-    param = next(module.parameters(), None)
-    return param.device if param is not None else default
+def _note_offload(model: nn.Module, path: str) -> None:
+    """A disk-offloaded layer comes back CPU-offloaded (its pruned weights are in memory, not in the folder)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and device_map.get(path) == "disk":
+        device_map[path] = "cpu"
 
 
 def _module_paths(model: nn.Module, layers: list[nn.Module]) -> list[str]:

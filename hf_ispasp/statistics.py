@@ -367,7 +367,8 @@ def capture_layer_inputs(
                 raise CalibrationError("the embeddings of a calibration batch are not finite (NaN/inf)")
             tokens += int(mask.sum()) if mask is not None else math.prod(hidden.shape[:-1])
             folds = sequence_folds(args, kwargs, mask, seed)
-            cache.append({"args": captured["args"], "kwargs": captured["kwargs"], "mask": mask, "folds": folds})
+            cache.append({"args": captured["args"], "kwargs": captured["kwargs"], "mask": mask, "folds": folds,
+                          "plan": _fold_plan(folds, mask)})
     finally:
         handle.remove()
     if len(cache) == 0:
@@ -375,6 +376,27 @@ def capture_layer_inputs(
             "the calibration data is empty: pass at least one batch (e.g. a DataLoader over a few hundred examples)"
         )
     return tokens
+
+
+def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Per validation fold present in a batch: its sequences and (with a token mask) its real tokens' flat rows.
+
+    Computed once per batch when it is captured, so the statistics hooks slice every later layer's hidden states
+    with precomputed indices: no data-dependent shapes, hence no device-to-host synchronisation per block.
+    """
+    plan = []
+    device = mask.device if mask is not None else torch.device("cpu")
+    for fold in (0, 1):
+        chosen = (folds == fold).cpu()
+        if not bool(chosen.any()):
+            continue
+        sequences = torch.nonzero(chosen).flatten().to(device)
+        tokens = None
+        if mask is not None:
+            keep = mask.bool() & chosen.to(mask.device)[:, None]
+            tokens = torch.nonzero(keep.flatten()).flatten()
+        plan.append((fold, sequences, tokens))
+    return plan
 
 
 def collect_block_statistics(
@@ -409,21 +431,22 @@ def collect_block_statistics(
             state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate)
         state["stats"].update(rows, dtype, fold)
 
+    default_rows = type(adapter).hidden_rows is ModelAdapter.hidden_rows
+
     def hook(module: nn.Module, args: tuple) -> None:
-        hidden, mask, folds = args[0], state["mask"], state["folds"]
-        if folds is None or hidden.dim() == 0 or hidden.shape[0] != folds.shape[0]:
+        hidden, mask, folds, plan = args[0], state["mask"], state["folds"], state["plan"]
+        if folds is None or plan is None or hidden.dim() == 0 or hidden.shape[0] != folds.shape[0]:
             add(adapter.hidden_rows(block, hidden, mask), None)
             raise _StopForward
-        for fold in (0, 1):
-            chosen = folds == fold
-            if not bool(chosen.any()):
-                continue
-            if bool(chosen.all()):
-                add(adapter.hidden_rows(block, hidden, mask), fold)
-                continue
-            index = torch.nonzero(chosen).flatten().to(hidden.device)
-            part_mask = mask[index.to(mask.device)] if mask is not None else None
-            add(adapter.hidden_rows(block, hidden.index_select(0, index), part_mask), fold)
+        tokens_first = mask is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(mask.shape)
+        for fold, sequences, tokens in plan:
+            if default_rows and tokens_first and tokens is not None:  # precomputed rows: no synchronisation
+                add(hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens.to(hidden.device)), fold)
+            elif default_rows and mask is None:
+                add(hidden.index_select(0, sequences.to(hidden.device)), fold)
+            else:
+                part_mask = mask.index_select(0, sequences.to(mask.device)) if mask is not None else None
+                add(adapter.hidden_rows(block, hidden.index_select(0, sequences.to(hidden.device)), part_mask), fold)
         raise _StopForward
 
     def entry_hook(module: nn.Module, args: tuple) -> None:
@@ -436,9 +459,8 @@ def collect_block_statistics(
         for index in range(len(cache)):
             entry = cache[index]
             state["mask"], state["folds"], state["entries"] = entry["mask"], entry.get("folds"), []
+            state["plan"] = entry.get("plan")
             state["mask"] = state["mask"].to(device) if state["mask"] is not None else None
-            folds = state["folds"]
-            state["folds"] = folds.to(device) if folds is not None else None
             try:
                 layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device))
             except _StopForward:

@@ -1,0 +1,272 @@
+"""Prune cost at BERT-base, BERT-large and LLaMA width on any device: the prune against one dense forward pass
+over the same calibration set, calibration and selection seconds, peak extra memory, and whether the selection
+equals the float64 CPU reference.
+
+Random weights and random token ids (cost does not depend on them), 512 sequences x 128 tokens by default, FFN
+keep 0.5 / heads keep 0.75, default config. Each (shape, dtype, engine) runs in a fresh subprocess, prunes are
+interleaved with dense forwards (ratio i = prune i / mean of the forwards around it; median and range
+reported). Self-contained (torch, transformers, hf_ispasp; no ``datasets``), so it runs from a source tree on a
+GPU machine:
+
+    PYTHONPATH=. python benchmarks/engine_shapes.py --device cuda --dtype float32 bfloat16 \\
+        --shape bert-base bert-large llama-width [--baseline-path OLD_SOURCE_TREE] [--output-dir DIR]
+
+``--baseline-path`` runs the same measurement with another hf_ispasp source tree (e.g. the previous release,
+``git archive <rev> hf_ispasp | tar -x -C DIR``) for a before/after table from one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "engine_shapes"
+ROOT = Path(__file__).resolve().parent.parent
+
+# BERT layers at the width of each model; "llama-width" is two BERT layers at LLaMA-7B width (hidden 4096, FFN
+# 11008, 32 heads): the size of one block's statistics and selection for a 7B decoder.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "llama-width": dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, intermediate_size=11008),
+}
+VOCAB = 30522
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _batches(sequences: int, length: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, sequences, batch_size):
+        n = min(batch_size, sequences - start)
+        ids = torch.randint(1000, VOCAB, (n, length), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _model(shape: str, dtype: Any, device: Any) -> Any:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **SHAPES[shape])
+    return BertModel(config).eval().to(device=device, dtype=dtype)
+
+
+def _forward_seconds(model: Any, batches: list[dict[str, Any]], device: Any) -> float:
+    import torch
+
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in on_device:
+            model(**batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _config(**extra: Any) -> Any:
+    from hf_ispasp import PrunerConfig
+
+    return PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.75, show_progress=False, **extra)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import hf_ispasp
+    from hf_ispasp import ISpaSPPruner
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args.shape, dtype, device)
+    batches = _batches(args.sequences, args.length, args.batch_size)
+    _forward_seconds(model, batches[:2], device)  # warm-up (kernels, allocator)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    forwards = [_forward_seconds(model, batches, device)]
+    prunes, calibration, selection, peaks_device, pruned_bytes = [], [], [], [], 0
+    rss_before = _rss_mb()
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        pruner = ISpaSPPruner(model, _config())
+        _sync(device)
+        start = time.perf_counter()
+        pruned = pruner.prune(batches)
+        _sync(device)
+        prunes.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peaks_device.append(torch.cuda.max_memory_allocated(device) - base)
+        calibration.append(pruner.report.seconds_calibration)
+        selection.append(pruner.report.seconds_selection)
+        pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters())
+        del pruned
+        forwards.append(_forward_seconds(model, batches, device))
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    ratios = [p / ((forwards[i] + forwards[i + 1]) / 2) for i, p in enumerate(prunes)]
+    record: dict[str, Any] = {
+        "shape": args.shape, "dtype": args.dtype, "device": str(device), "engine": args.engine,
+        "engine_version": getattr(hf_ispasp, "__version__", "?"), "sequences": args.sequences, "length": args.length,
+        "forward_s": statistics.median(forwards), "prune_s": statistics.median(prunes),
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "calibration_s": statistics.median(calibration), "selection_s": statistics.median(selection),
+        "model_mb": model_bytes / 2**20, "pruned_mb": pruned_bytes / 2**20,
+        "peak_extra_device_mb": max(peaks_device) / 2**20 if peaks_device else None,
+        "peak_extra_host_mb": peak_host,
+    }
+    if device.type == "cuda":
+        record["card"] = torch.cuda.get_device_name(device)
+    if args.reference and dtype == torch.float32 and args.engine == "current":
+        record.update(_reference(model, args, device))
+    return record
+
+
+def _reference(model: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """The same prune on ``args.reference`` sequences on the device and on the CPU (float64): same groups?"""
+    import copy
+
+    import torch
+
+    from hf_ispasp import ISpaSPPruner
+
+    data = _batches(args.reference, args.length, args.batch_size, seed=1)
+    on_device = ISpaSPPruner(model, _config())
+    on_device.prune(data)
+    cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
+    on_cpu = ISpaSPPruner(cpu_model, _config(selection_dtype="float64"))
+    on_cpu.prune(data)
+    same = sum(a.kept == b.kept for a, b in zip(on_device.report.blocks, on_cpu.report.blocks, strict=True))
+    single = ISpaSPPruner(model, _config(selection_dtype="float32"))
+    single.prune(data)
+    same32 = sum(a.kept == b.kept for a, b in zip(single.report.blocks, on_cpu.report.blocks, strict=True))
+    return {"reference_sequences": args.reference, "blocks": len(on_cpu.report.blocks), "same_as_cpu": same,
+            "same_as_cpu_float32_selection": same32}
+
+
+def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str = ".2f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "## Engine cost at BERT-base, BERT-large and LLaMA width",
+        "",
+        f"Random weights, {meta.get('sequences')} x {meta.get('length')} random tokens, FFN 0.5 / heads 0.75, "
+        f"default config; {meta.get('where')}. ratio = prune / one dense forward over the same calibration set "
+        "(median of the interleaved repeats, range in brackets). Peak extra device memory = peak allocated during "
+        "the prune minus allocated before it (the returned model included). 'same as CPU' = blocks whose kept "
+        "groups equal a CPU float64 prune on the same (smaller) calibration set: default (float64) selection / "
+        "selection_dtype=float32.",
+        "",
+        "| shape | dtype | engine | forward s | prune s | ratio | calibration s | selection s | model MB | "
+        "pruned MB | peak extra device MB | peak extra host MB | same as CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        same = (f"{r['same_as_cpu']}/{r['blocks']} / {r['same_as_cpu_float32_selection']}/{r['blocks']}"
+                if "same_as_cpu" in r else "-")
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['forward_s']:.3f} | {r['prune_s']:.2f} | "
+            f"{r['ratio']:.1f} [{r['ratio_min']:.1f}-{r['ratio_max']:.1f}] | {r['calibration_s']:.2f} | "
+            f"{r['selection_s']:.2f} | {r['model_mb']:.0f} | {r['pruned_mb']:.0f} | "
+            f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", nargs="*", default=["float32"])
+    parser.add_argument("--shape", nargs="*", default=["bert-base"], choices=sorted(SHAPES))
+    parser.add_argument("--sequences", type=int, default=512)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reference", type=int, default=64, help="sequences of the CPU reference (0: skip)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--baseline-path", type=Path, help="another hf_ispasp source tree to measure as 'before'")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="current", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.shape, args.dtype = args.shape[0], args.dtype[0]
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    records = []
+    engines = [("current", str(ROOT))] + ([("before", str(args.baseline_path))] if args.baseline_path else [])
+    for shape in args.shape:
+        for dtype in args.dtype:
+            for engine, path in engines:
+                cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--dtype", dtype, "--engine", engine,
+                       "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
+                       "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
+                       "--reference", str(args.reference), "--threads", str(args.threads)]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{shape} {dtype} {engine} failed:\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                record = json.loads(line[len("RESULT "):])
+                records.append(record)
+                print(json.dumps(record), flush=True)
+                _write(args, records)  # a cut-off run keeps what it measured
+    print(_write(args, records))
+    return 0 if records else 1
+
+
+def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
+    card = next((r["card"] for r in records if "card" in r), None)
+    where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
+    meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_gpu" if args.device.startswith("cuda") else ""
+    (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    text = report(records, meta)
+    (args.output_dir / f"{NAME}{suffix}.md").write_text(text)
+    return text
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
