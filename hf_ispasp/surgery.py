@@ -4,11 +4,68 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import prune_linear_layer
+from transformers.pytorch_utils import Conv1D, prune_linear_layer
 
 from .algorithm import group_columns
 
-__all__ = ["group_columns", "slice_conv_in", "slice_conv_out", "slice_linear_in", "slice_linear_out", "slice_norm"]
+__all__ = [
+    "group_columns",
+    "group_rows",
+    "slice_conv1d_in",
+    "slice_conv1d_out",
+    "slice_conv_in",
+    "slice_conv_out",
+    "slice_in",
+    "slice_linear_in",
+    "slice_linear_out",
+    "slice_norm",
+    "slice_out",
+]
+
+
+def group_rows(groups: torch.Tensor, num_groups: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Indices of ``groups`` in a dimension made of segments, each holding ``num_groups`` runs of ``sizes[s]``.
+
+    One segment of ``head_dim`` is a plain head layout; ``(d, d, d)`` is a fused ``[q | k | v]`` projection;
+    ``(r * d, d, d)`` a fused grouped-query projection (``r`` query heads per key/value head); ``(1, 1)`` a fused
+    ``[gate | up]``.
+    """
+    groups = torch.as_tensor(groups, dtype=torch.long)
+    parts, offset = [], 0
+    for size in sizes:
+        parts.append(group_columns(groups, size) + offset)
+        offset += num_groups * size
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def slice_out(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """Keep output units ``index`` (features, channels) of any supported layer; use the returned module."""
+    if isinstance(module, nn.Linear):
+        return slice_linear_out(module, index)
+    if isinstance(module, Conv1D):
+        return slice_conv1d_out(module, index)
+    if isinstance(module, nn.Conv2d):
+        return slice_conv_out(module, index)
+    if _is_channel_norm(module):
+        return slice_norm(module, index)
+    raise TypeError(f"cannot slice the outputs of a {type(module).__name__}")
+
+
+def slice_in(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """Keep input units ``index`` of a Linear, Conv1D or ungrouped conv; use the returned module."""
+    if isinstance(module, nn.Linear):
+        return slice_linear_in(module, index)
+    if isinstance(module, Conv1D):
+        return slice_conv1d_in(module, index)
+    if isinstance(module, nn.Conv2d):
+        return slice_conv_in(module, index)
+    raise TypeError(f"cannot slice the inputs of a {type(module).__name__}")
+
+
+def _is_channel_norm(module: nn.Module) -> bool:
+    """A per-channel layer (BatchNorm, LayerNorm, RMSNorm): 1-D parameters only; GroupNorm mixes channels."""
+    params = list(module.parameters(recurse=False))
+    return not isinstance(module, nn.GroupNorm) and bool(params) and all(p.dim() == 1 for p in params)
 
 
 def slice_linear_out(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
@@ -66,6 +123,23 @@ def slice_conv_in(conv: nn.Conv2d, index: torch.Tensor) -> nn.Conv2d:
     _set_param(conv, "weight", conv.weight.data.index_select(1, index.to(conv.weight.device)))
     conv.in_channels = len(index)
     return conv
+
+
+def slice_conv1d_out(layer: Conv1D, index: torch.Tensor) -> Conv1D:
+    """Keep output features ``index`` of a transformers ``Conv1D`` (GPT-2; weight is in x out), in place."""
+    index = index.to(layer.weight.device)
+    _set_param(layer, "weight", layer.weight.data.index_select(1, index))
+    if layer.bias is not None:
+        _set_param(layer, "bias", layer.bias.data.index_select(0, index))
+    layer.nf = len(index)
+    return layer
+
+
+def slice_conv1d_in(layer: Conv1D, index: torch.Tensor) -> Conv1D:
+    """Keep input features ``index`` of a transformers ``Conv1D``, in place; the bias is unchanged."""
+    _set_param(layer, "weight", layer.weight.data.index_select(0, index.to(layer.weight.device)))
+    layer.nx = len(index)
+    return layer
 
 
 def slice_norm(norm: nn.Module, index: torch.Tensor) -> nn.Module:

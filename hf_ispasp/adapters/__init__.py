@@ -10,6 +10,7 @@ from .base import (
     register_adapter,
     supported_model_types,
 )
+from .groups import Attr, Cut, GroupSpec, SpecAdapter
 
 try:  # timm is an optional extra (pip install hf_ispasp[timm]); its adapters register only when it is installed
     import timm as _timm  # noqa: F401
@@ -20,8 +21,12 @@ else:
 
 __all__ = [
     "ADAPTER_REGISTRY",
+    "Attr",
+    "Cut",
+    "GroupSpec",
     "ModelAdapter",
     "PrunableBlock",
+    "SpecAdapter",
     "UnsupportedModelError",
     "adapter_for",
     "encoders",

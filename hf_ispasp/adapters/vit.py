@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .base import Resume, register_adapter
-from .encoders import EncoderLayout, TransformerEncoderAdapter, _get
+from .encoders import EncoderLayout, TransformerEncoderAdapter
+from .groups import Attr
 
 __all__ = ["ViTAdapter"]
 
@@ -24,18 +25,15 @@ class ViTAdapter(TransformerEncoderAdapter):
 
     layout = EncoderLayout(
         layers="layers",
-        attention="attention",
         query="attention.q_proj",
         key="attention.k_proj",
         value="attention.v_proj",
         attn_out="attention.o_proj",
         ffn_up="mlp.fc1",
         ffn_down="mlp.fc2",
-        head_count_attr="num_attention_heads",
+        head_dim="attention.head_dim",
+        head_attrs=(Attr("attention", "num_attention_heads"),),
     )
-
-    def head_dim(self, layer: int = 0) -> int:
-        return int(_get(self.layers()[layer], self.layout.attention).head_dim)
 
     def resume(self, layer: int) -> Resume | None:
         module = self.layers()[layer]
