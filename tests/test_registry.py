@@ -1,4 +1,9 @@
-"""One parametrisation over the whole registry: an adapter without a tiny test model fails here."""
+"""One parametrisation over the whole registry: an adapter without a tiny test model fails here.
+
+Every registered adapter is described by group specs (:mod:`hf_ispasp.adapters.groups`), so these checks exercise
+the generic spec on each architecture: keeping everything reproduces the outputs exactly; after a real prune every
+module a spec cuts has the shape its row map and the width record give; ``save_pruned``/``load_pruned`` round trips.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from conftest import TEXT_CONFIGS, tiny_factories, tiny_text_model, token_batche
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, load_pruned, save_pruned
 from hf_ispasp.adapters import ADAPTER_REGISTRY
+from hf_ispasp.adapters.groups import SpecAdapter, check_group_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FACTORIES = tiny_factories()
+KEYS = sorted(ADAPTER_REGISTRY)
 TEXT_HEADS = [
     "AutoModel",
     "AutoModelForSequenceClassification",
@@ -17,6 +26,8 @@ TEXT_HEADS = [
     "AutoModelForQuestionAnswering",
     "AutoModelForMaskedLM",
 ]
+# What the generic spec derives; an adapter overriding one of these is back to hand-written slicing.
+DERIVED = ("blocks", "compact", "current_down", "weight_scores", "widths", "apply_widths", "set_output_projection")
 
 
 def test_every_registered_adapter_has_a_tiny_model():
@@ -40,7 +51,31 @@ def _calibration(model):
     return [example for _ in range(2)]
 
 
-@pytest.mark.parametrize("key", sorted(ADAPTER_REGISTRY))
+def _check_specs(adapter: SpecAdapter, counts: list[list[int]]) -> None:
+    """Every cut of every spec has ``count`` groups of its row map, ``count`` being the recorded width."""
+    assert len(counts) == len(adapter.layers())
+    for index, layer in enumerate(adapter.layers()):
+        specs = adapter.group_specs(index)
+        blocks = adapter.blocks(index)
+        assert [s.name for s in specs] == [b.name for b in blocks]
+        assert [check_group_spec(layer, s) for s in specs] == [b.num_groups for b in blocks] == counts[index]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_adapter_is_derived_from_group_specs(key):
+    cls = ADAPTER_REGISTRY[key]
+    assert issubclass(cls, SpecAdapter), f"{cls.__name__} does not describe its groups with GroupSpec"
+    overridden = [name for name in DERIVED if getattr(cls, name) is not getattr(SpecAdapter, name)]
+    assert not overridden, f"{cls.__name__} overrides what the specs derive: {overridden}"
+    adapter = adapter_for(FACTORIES[key]())
+    record = adapter.widths()
+    _check_specs(adapter, adapter.record_counts(record))
+    for block in adapter.iter_blocks():
+        scores = adapter.weight_scores(block)
+        assert scores.shape == (block.num_groups,) and bool((scores > 0).all()), block.name
+
+
+@pytest.mark.parametrize("key", KEYS)
 def test_registry_prune_shapes_and_round_trip(key, tmp_path):
     model = FACTORIES[key]()
     data = _calibration(model)
@@ -52,20 +87,23 @@ def test_registry_prune_shapes_and_round_trip(key, tmp_path):
     adapter = adapter_for(pruned)
     for block in report.blocks:
         assert 1 <= block.groups_after <= block.groups_before
-    # Compacted shapes are what the adapter records, and the record is in the metadata.
-    for index in range(len(adapter.layers())):
-        for block in adapter.blocks(index):
-            kept = next(b for b in report.blocks if b.name == block.name)
-            assert block.num_groups == kept.groups_after
+    assert any(block.groups_after < block.groups_before for block in report.blocks)
+    # Compacted shapes are what the record says (every sliced module, through the spec's row maps).
+    record = adapter.widths()
+    counts = adapter.record_counts(record)
+    _check_specs(adapter, counts)
+    after = {b.name: b.groups_after for b in report.blocks}
+    assert [[after[b.name] for b in adapter.blocks(i)] for i in range(len(counts))] == counts
     save_pruned(pruned, tmp_path / "ckpt")
     again = load_pruned(tmp_path / "ckpt")
     assert type(again) is type(pruned)
+    assert adapter_for(again).widths() == record
     batch = data[0]
     with torch.no_grad():
         torch.testing.assert_close(_outputs(again, batch), _outputs(pruned, batch))
 
 
-@pytest.mark.parametrize("key", sorted(ADAPTER_REGISTRY))
+@pytest.mark.parametrize("key", KEYS)
 def test_registry_keep_all_is_exact(key):
     model = FACTORIES[key]()
     data = _calibration(model)
