@@ -41,6 +41,27 @@ SHAPES: dict[str, dict[str, int]] = {
     "llama-width": dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, intermediate_size=11008),
 }
 VOCAB = 30522
+MINILM = "minilm"  # real weights (all-MiniLM-L6-v2) on real sentences (sentence polarity), as the CPU target
+
+
+def _minilm(sequences: int, batch_size: int, device: Any, dtype: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """MiniLM-L6 and the first polarity sentences, tokenized (max 64 tokens) and padded per batch of 32."""
+    import csv
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from demo.assets import minilm_path, polarity_csv
+
+    with open(polarity_csv(), encoding="utf-8-sig") as f:
+        sentences = [row[1].strip() for row in csv.reader(f)][:sequences]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    batches = []
+    for start in range(0, len(sentences), batch_size):
+        enc = tokenizer(sentences[start : start + batch_size], truncation=True, max_length=64, padding=True,
+                        return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    model = AutoModel.from_pretrained(minilm_path()).eval().to(device=device, dtype=dtype)
+    return model, batches
 
 
 def _sync(device: Any) -> None:
@@ -108,8 +129,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _model(args.shape, dtype, device)
-    batches = _batches(args.sequences, args.length, args.batch_size)
+    if args.shape == MINILM:
+        model, batches = _minilm(args.sequences, args.batch_size, device, dtype)
+    else:
+        model = _model(args.shape, dtype, device)
+        batches = _batches(args.sequences, args.length, args.batch_size)
     _forward_seconds(model, batches[:2], device)  # warm-up (kernels, allocator)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     forwards = [_forward_seconds(model, batches, device)]
@@ -147,7 +171,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
-    if args.reference and dtype == torch.float32 and args.engine == "current":
+    if args.reference and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
         record.update(_reference(model, args, device))
     return record
 
@@ -181,7 +205,8 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "## Engine cost at BERT-base, BERT-large and LLaMA width",
         "",
-        f"Random weights, {meta.get('sequences')} x {meta.get('length')} random tokens, FFN 0.5 / heads 0.75, "
+        f"Random weights, {meta.get('sequences')} x {meta.get('length')} random tokens (minilm: all-MiniLM-L6-v2 on "
+        "the first polarity sentences, at most 64 tokens, padded per batch), FFN 0.5 / heads 0.75, "
         f"default config; {meta.get('where')}. ratio = prune / one dense forward over the same calibration set "
         "(median of the interleaved repeats, range in brackets). Peak extra device memory = peak allocated during "
         "the prune minus allocated before it (the returned model included). 'same as CPU' = blocks whose kept "
@@ -208,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", nargs="*", default=["float32"])
-    parser.add_argument("--shape", nargs="*", default=["bert-base"], choices=sorted(SHAPES))
+    parser.add_argument("--shape", nargs="*", choices=[*sorted(SHAPES), MINILM],
+                        help="default: minilm on the CPU, bert-base bert-large llama-width on a GPU")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny shape, 16 sequences)")
     parser.add_argument("--sequences", type=int, default=512)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -217,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--baseline-path", type=Path, help="another hf_ispasp source tree to measure as 'before'")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="current", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.shape, args.sequences, args.length, args.repeats, args.reference = ["tiny"], 16, 16, 1, 8
+    if not args.shape:
+        args.shape = [MINILM] if args.device == "cpu" else ["bert-base", "bert-large", "llama-width"]
     if args.worker:
         args.shape, args.dtype = args.shape[0], args.dtype[0]
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -233,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
                        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
                        "--reference", str(args.reference), "--threads", str(args.threads)]
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, os.environ.get("PYTHONPATH", "")])}
+                # the engine under test first; the repository root after it for the demo assets (MiniLM)
+                env = {**os.environ,
+                       "PYTHONPATH": os.pathsep.join([path, str(ROOT), os.environ.get("PYTHONPATH", "")])}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
@@ -250,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     card = next((r["card"] for r in records if "card" in r), None)
     where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
-    meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device}
+    meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device,
+            "tiny": args.tiny}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_gpu" if args.device.startswith("cuda") else ""
+    suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     text = report(records, meta)
     (args.output_dir / f"{NAME}{suffix}.md").write_text(text)

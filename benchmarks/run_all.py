@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OWN = ["synthetic", "selection_rules", "calibration_size", "peer_torch_pruning", "pruning_speed",
-       "inference_speed"]
+       "engine_shapes", "inference_speed"]
 OTHERS = ["finetune_recovery", "vision_efficientnet"]  # written by other engineers: plain invocation
 SCRIPTS = OWN + OTHERS
 

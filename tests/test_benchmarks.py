@@ -75,6 +75,16 @@ def test_pruning_speed(tmp_path: Path) -> None:
     assert rec["blocks_same_support"] == rec["blocks"]
 
 
+def test_engine_shapes(tmp_path: Path) -> None:
+    import engine_shapes
+
+    assert engine_shapes.main(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    (rec,) = _load(tmp_path, "engine_shapes")["records"]
+    assert rec["ratio"] > 1 and rec["forward_s"] > 0 and rec["pruned_mb"] < rec["model_mb"]
+    # the device path (here the CPU itself) selects what the float64 CPU reference selects
+    assert rec["same_as_cpu"] == rec["blocks"]
+
+
 def test_inference_speed(tmp_path: Path) -> None:
     import inference_speed
 
