@@ -18,6 +18,7 @@ GPU machine:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -155,6 +156,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         calibration.append(pruner.report.seconds_calibration)
         selection.append(pruner.report.seconds_selection)
         pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters())
+        kept = json.dumps([b.kept for b in pruner.report.blocks])
         del pruned
         forwards.append(_forward_seconds(model, batches, device))
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
@@ -168,6 +170,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "model_mb": model_bytes / 2**20, "pruned_mb": pruned_bytes / 2**20,
         "peak_extra_device_mb": max(peaks_device) / 2**20 if peaks_device else None,
         "peak_extra_host_mb": peak_host,
+        # which groups were kept, as a digest: engines that select alike have equal digests (and equal quality)
+        "kept_digest": hashlib.sha1(kept.encode()).hexdigest()[:12],
     }
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
@@ -202,8 +206,9 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     def fmt(value: Any, spec: str = ".2f") -> str:
         return "-" if value is None else format(value, spec)
 
+    title = f": {meta['title']}" if meta.get("title") else ""
     lines = [
-        "## Engine cost at BERT-base, BERT-large and LLaMA width",
+        "## Engine cost at BERT-base, BERT-large and LLaMA width" + title,
         "",
         f"Random weights, {meta.get('sequences')} x {meta.get('length')} random tokens (minilm: all-MiniLM-L6-v2 on "
         "the first polarity sentences, at most 64 tokens, padded per batch), FFN 0.5 / heads 0.75, "
@@ -211,11 +216,12 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(median of the interleaved repeats, range in brackets). Peak extra device memory = peak allocated during "
         "the prune minus allocated before it (the returned model included). 'same as CPU' = blocks whose kept "
         "groups equal a CPU float64 prune on the same (smaller) calibration set: default (float64) selection / "
-        "selection_dtype=float32.",
+        "selection_dtype=float32. 'kept' = digest of every block's kept groups (equal digests: the same pruned "
+        "model, hence the same quality).",
         "",
         "| shape | dtype | engine | forward s | prune s | ratio | calibration s | selection s | model MB | "
-        "pruned MB | peak extra device MB | peak extra host MB | same as CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "pruned MB | peak extra device MB | peak extra host MB | same as CPU | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         same = (f"{r['same_as_cpu']}/{r['blocks']} / {r['same_as_cpu_float32_selection']}/{r['blocks']}"
@@ -224,8 +230,16 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['forward_s']:.3f} | {r['prune_s']:.2f} | "
             f"{r['ratio']:.1f} [{r['ratio_min']:.1f}-{r['ratio_max']:.1f}] | {r['calibration_s']:.2f} | "
             f"{r['selection_s']:.2f} | {r['model_mb']:.0f} | {r['pruned_mb']:.0f} | "
-            f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | {same} |"
+            f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | {same} | "
+            f"{r.get('kept_digest', '-')} |"
         )
+    targets = {512: 2.0, 128: 3.0}  # issue 8's CPU targets for MiniLM (prune / one dense forward)
+    for r in records:
+        if r["shape"] == MINILM and r["device"] == "cpu" and r["engine"] == "current" and r["sequences"] in targets:
+            goal = targets[r["sequences"]]
+            lines.append(f"\nTarget prune <= {goal}x one dense forward at {r['sequences']} sentences: "
+                         f"{r['ratio']:.1f}x -> {'met' if r['ratio'] <= goal else 'not met'} (calibration "
+                         f"{r['calibration_s'] / r['forward_s']:.1f}x a forward, selection {r['selection_s']:.1f} s).")
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +299,7 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     card = next((r["card"] for r in records if "card" in r), None)
     where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
     meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device,
-            "tiny": args.tiny}
+            "tiny": args.tiny, "title": f"{', '.join(args.shape)} on {where}"}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
