@@ -72,7 +72,8 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """Resident memory of this process now (MB)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -139,7 +140,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     forwards = [_forward_seconds(model, batches, device)]
     prunes, calibration, selection, peaks_device, pruned_bytes = [], [], [], [], 0
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -24,20 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from engine_shapes import rss_mb  # noqa: E402
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for  # noqa: E402
 from hf_ispasp.algorithm import BlockStatistics, select_groups  # noqa: E402
 
 NAME = "pruning_speed"
 NAIVE_MAX = 512
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def peak_mb() -> float:
