@@ -141,7 +141,7 @@ class BlockStatistics:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across processes."""
-        return [self.count, self.total, self.gram, self.fold_count, self.fold_total, self.fold_gram, self.unassigned]
+        return [getattr(self, name) for name in self._SHAPES]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockStatistics:
         """A copy on ``device`` in ``dtype`` (selection may run in another precision than accumulation)."""
@@ -236,8 +236,7 @@ class _Problem:
         if kind == "l2":
             return _group_sum(torch.diagonal(self.gram).clamp_min(0), self.group_size).sqrt()
         if kind == "output":
-            blocks = self.energy.reshape(self.num_groups, self.group_size, self.num_groups, self.group_size)
-            return torch.diagonal(blocks.sum((1, 3)))
+            return torch.diagonal(self.group_energy())
         raise ValueError(f"unknown score {kind!r}")
 
     def residual_threshold(self, merged: torch.Tensor, keep: int) -> torch.Tensor:
@@ -262,12 +261,15 @@ class _Problem:
             energy_m += energy_t[drop]
         return torch.from_numpy(np.flatnonzero(candidate)).to(merged.device)
 
+    def group_energy(self) -> torch.Tensor:
+        """``E`` summed over the column pairs of every pair of groups (groups x groups)."""
+        g = self.group_size
+        return self.energy.reshape(self.num_groups, g, self.num_groups, g).sum((1, 3))
+
     def _host_energy(self) -> tuple[np.ndarray, np.ndarray]:
         """Group-level energy (transposed: row j = column j) and its diagonal, on the host, computed once."""
         if self._host is None:
-            g = self.group_size
-            groups = self.energy.reshape(self.num_groups, g, self.num_groups, g).sum((1, 3))
-            host = groups.cpu().numpy()
+            host = self.group_energy().cpu().numpy()
             self._host = (np.ascontiguousarray(host.T), np.diagonal(host).copy())
         return self._host
 

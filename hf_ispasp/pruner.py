@@ -167,7 +167,7 @@ class ISpaSPPruner:
             with torch.no_grad():
                 self._prune(model, adapter, originals, paths, swapped, calibration_data, cache, device, report)
             report.activation_cache_bytes = cache.summary()
-            cache.close()
+            cache.close()  # free the activations before the rest of the model is copied
             if inplace:
                 result, restore = model, False
             else:  # the rest of the model is copied; the pruned layers are taken as they are
@@ -238,12 +238,11 @@ class ISpaSPPruner:
                 blocks = adapter.blocks(index)
                 last_layer = index + 1 == num_layers
                 resume = None if last_layer or not resumable else adapter.resume(index)
+                if resume is not None and index == 0 and not _resume_matches(layer, adapter, resume, cache,
+                                                                             layer_device):
+                    resumable, resume = False, None
                 for position, block in enumerate(blocks):
                     is_last = position + 1 == len(blocks)
-                    if is_last and resume is not None and index == 0 and not _resume_matches(
-                        layer, adapter, resume, cache, layer_device
-                    ):
-                        resumable, resume = False, None
                     stats = collect_block_statistics(layer, adapter, block, cache, layer_device, stats_dtype,
                                                      resume=resume if is_last else None)
                     self._reduce(stats)

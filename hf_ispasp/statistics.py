@@ -8,8 +8,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -153,25 +153,34 @@ def _is_example(row: Mapping) -> bool:
     return torch.as_tensor(ids).dim() == 1
 
 
-def _nbytes(value: Any) -> int:
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """``fn`` applied to every tensor inside nested dicts / lists / tuples (layer args and kwargs, cache entries)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return fn(value)
     if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple takes its fields positionally
+        return type(value)(*(_map_tensors(fn, v) for v in value))
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+        return type(value)(_map_tensors(fn, v) for v in value)
+    return value
+
+
+def _nbytes(value: Any) -> int:
+    total = 0
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    _map_tensors(count, value)
+    return total
 
 
 def _pinned(value: Any) -> Any:
     """A CPU copy of every tensor, page-locked so that the copy back to the accelerator is fast."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu").pin_memory()
-    if isinstance(value, dict):
-        return {k: _pinned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pinned(v) for v in value)
-    return value
+    return _map_tensors(lambda t: t.detach().to("cpu").pin_memory(), value)
 
 
 def _available_host_bytes() -> int:
@@ -295,13 +304,7 @@ class ActivationCache:
 
 def to_device(value: Any, device: torch.device | str) -> Any:
     """Move every tensor inside nested dicts / lists / tuples (layer args and kwargs) to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
-    return value
+    return _map_tensors(lambda t: t.detach().to(device), value)
 
 
 def sequence_folds(args: tuple, kwargs: dict[str, Any], mask: torch.Tensor | None, seed: int = 0) -> torch.Tensor:
@@ -378,11 +381,21 @@ def capture_layer_inputs(
     return tokens
 
 
-def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """Per validation fold present in a batch: its sequences and (with a token mask) its real tokens' flat rows.
+class _FoldRows(NamedTuple):
+    """The part of a batch in one validation fold: its sequences, and with a token mask, the mask of its real
+    tokens (batch x sequence) and their flat row indices (a tuple, so the cache moves it with the entry)."""
 
-    Computed once per batch when it is captured, so the statistics hooks slice every later layer's hidden states
-    with precomputed indices: no data-dependent shapes, hence no device-to-host synchronisation per block.
+    fold: int
+    sequences: torch.Tensor
+    mask: torch.Tensor | None
+    index: torch.Tensor | None
+
+
+def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[_FoldRows]:
+    """The folds present in a batch, computed once when the batch is captured.
+
+    The statistics hooks then take every later layer's rows with precomputed indices: no data-dependent shapes,
+    hence no device-to-host synchronisation per block.
     """
     plan = []
     device = mask.device if mask is not None else torch.device("cpu")
@@ -390,12 +403,11 @@ def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[int
         chosen = (folds == fold).cpu()
         if not bool(chosen.any()):
             continue
-        sequences = torch.nonzero(chosen).flatten().to(device)
-        tokens = None
+        fold_mask = index = None
         if mask is not None:
-            keep = mask.bool() & chosen.to(mask.device)[:, None]
-            tokens = torch.nonzero(keep.flatten()).flatten()
-        plan.append((fold, sequences, tokens))
+            fold_mask = mask.bool() & chosen.to(mask.device)[:, None]
+            index = torch.nonzero(fold_mask.flatten()).flatten()
+        plan.append(_FoldRows(fold, torch.nonzero(chosen).flatten().to(device), fold_mask, index))
     return plan
 
 
@@ -431,22 +443,19 @@ def collect_block_statistics(
             state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate)
         state["stats"].update(rows, dtype, fold)
 
-    default_rows = type(adapter).hidden_rows is ModelAdapter.hidden_rows
-
     def hook(module: nn.Module, args: tuple) -> None:
         hidden, mask, folds, plan = args[0], state["mask"], state["folds"], state["plan"]
         if folds is None or plan is None or hidden.dim() == 0 or hidden.shape[0] != folds.shape[0]:
             add(adapter.hidden_rows(block, hidden, mask), None)
             raise _StopForward
-        tokens_first = mask is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(mask.shape)
-        for fold, sequences, tokens in plan:
-            if default_rows and tokens_first and tokens is not None:  # precomputed rows: no synchronisation
-                add(hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens.to(hidden.device)), fold)
-            elif default_rows and mask is None:
-                add(hidden.index_select(0, sequences.to(hidden.device)), fold)
-            else:
+        token_major = mask is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(mask.shape)
+        for part in plan:
+            if token_major:  # the fold's tokens, by mask and by precomputed index, in the whole batch
+                add(adapter.hidden_rows(block, hidden, part.mask, index=part.index), part.fold)
+            else:  # the fold's sequences first (e.g. image feature maps), then the adapter's rows
+                sequences = part.sequences.to(hidden.device)
                 part_mask = mask.index_select(0, sequences.to(mask.device)) if mask is not None else None
-                add(adapter.hidden_rows(block, hidden.index_select(0, sequences.to(hidden.device)), part_mask), fold)
+                add(adapter.hidden_rows(block, hidden.index_select(0, sequences), part_mask), part.fold)
         raise _StopForward
 
     def entry_hook(module: nn.Module, args: tuple) -> None:

@@ -31,11 +31,8 @@ def _prune(model, data, inplace=False, **kwargs):
 
 
 def _image_batches(model, num=3, size=4, seed=0):
-    adapter = adapter_for(model)
-    shape = adapter.example_inputs().shape[1:] if isinstance(adapter.example_inputs(), torch.Tensor) else None
-    if shape is None:
-        pixels = adapter.example_inputs()["pixel_values"]
-        shape = pixels.shape[1:]
+    example = adapter_for(model).example_inputs()
+    shape = (example if isinstance(example, torch.Tensor) else example["pixel_values"]).shape[1:]
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(size, *shape, generator=gen) for _ in range(num)]
 

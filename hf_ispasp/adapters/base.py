@@ -236,10 +236,19 @@ class ModelAdapter(ABC):
             )
         return torch.where(outside, torch.full_like(ids, pad if pad is not None and 0 <= pad < vocab else 0), ids)
 
-    def hidden_rows(self, block: PrunableBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        """Rows of ``H`` (positions x width) from the input of ``block.down``, padding removed."""
+    def hidden_rows(
+        self, block: PrunableBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows of ``H`` (positions x width) from the input of ``block.down``, padding removed.
+
+        ``index``: the flat positions of ``token_mask``'s true entries, precomputed by the engine; taking rows by
+        index needs no device-to-host synchronisation (a boolean mask does). An override may ignore it.
+        """
         if token_mask is None:
             return hidden.reshape(-1, hidden.shape[-1])
+        if index is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(token_mask.shape):
+            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))
         return hidden[token_mask.to(hidden.device)]
 
     def output_weight(self, block: PrunableBlock) -> torch.Tensor:

@@ -321,10 +321,13 @@ class SpecAdapter(ModelAdapter):
         return group_scores(self.layers()[block.layer], self.spec(block))
 
     # Statistics ---------------------------------------------------------------------------------------------
-    def hidden_rows(self, block: PrunableBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def hidden_rows(
+        self, block: PrunableBlock, hidden: torch.Tensor, token_mask: torch.Tensor | None,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         down = self.current_down(block)
         if not isinstance(down, nn.Conv2d):
-            return super().hidden_rows(block, hidden, token_mask)
+            return super().hidden_rows(block, hidden, token_mask, index)
         if self.spec(block).im2col:
             cols = F.unfold(hidden, down.kernel_size, dilation=down.dilation, padding=down.padding, stride=down.stride)
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
