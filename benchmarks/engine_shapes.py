@@ -234,6 +234,10 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | {same} | "
             f"{r.get('kept_digest', '-')} |"
         )
+    if any(r["engine"] == "before" for r in records):
+        baseline = meta.get("baseline") or "the --baseline-path source tree"
+        lines.append(f"\n'before' = {baseline}, measured in the same run; equal 'kept' digests mean both engines "
+                     "prune to the same model.")
     targets = {512: 2.0, 128: 3.0}  # issue 8's CPU targets for MiniLM (prune / one dense forward)
     for r in records:
         if r["shape"] == MINILM and r["device"] == "cpu" and r["engine"] == "current" and r["sequences"] in targets:
@@ -300,7 +304,8 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     card = next((r["card"] for r in records if "card" in r), None)
     where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
     meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device,
-            "tiny": args.tiny, "title": f"{', '.join(args.shape)} on {where}"}
+            "tiny": args.tiny, "title": f"{', '.join(args.shape)} on {where}",
+            "baseline": str(args.baseline_path) if args.baseline_path else None}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
