@@ -28,6 +28,30 @@ TEXT_CONFIGS: dict[str, dict] = {
 }
 
 
+# Decoders: FFN 37, 3 KV heads of 6 with 2 query heads each (GPT-2: 6 heads, multi-head); Qwen2 and GPT-2 tie the
+# input and output embeddings.
+_DECODER_KWARGS = dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=3, intermediate_size=37,
+                       num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+DECODER_CONFIGS: dict[str, dict] = {
+    "llama": _DECODER_KWARGS,
+    "mistral": {**_DECODER_KWARGS, "sliding_window": 16},
+    "qwen2": {**_DECODER_KWARGS, "tie_word_embeddings": True},
+    "qwen3": {**_DECODER_KWARGS, "head_dim": 8},
+    "phi3": _DECODER_KWARGS,
+    "gpt2": dict(n_embd=36, n_head=6, n_inner=37, n_layer=2, vocab_size=VOCAB, n_positions=64, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2),
+}
+
+
+def tiny_decoder_model(model_type: str, head: str = "AutoModelForCausalLM", seed: int = 0) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(model_type, **DECODER_CONFIGS[model_type], num_labels=3)
+    return getattr(transformers, head).from_config(config).eval()
+
+
 def tiny_text_model(model_type: str, head: str = "AutoModelForSequenceClassification", seed: int = 0) -> nn.Module:
     import transformers
 
@@ -40,6 +64,7 @@ def tiny_text_model(model_type: str, head: str = "AutoModelForSequenceClassifica
 def tiny_factories() -> dict[str, Callable[[], nn.Module]]:
     """One constructor per registry key; vision keys come from tests/vision_fixtures.py when available."""
     factories: dict[str, Callable[[], nn.Module]] = {k: (lambda k=k: tiny_text_model(k)) for k in TEXT_CONFIGS}
+    factories.update({k: (lambda k=k: tiny_decoder_model(k)) for k in DECODER_CONFIGS})
     try:
         from vision_fixtures import tiny_vision_models
     except ImportError:

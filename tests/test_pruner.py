@@ -203,13 +203,14 @@ def test_datasets_dataset_and_sample_cap():
 
 # Errors ---------------------------------------------------------------------------------------------
 def test_unsupported_architecture_says_how_to_add_one():
-    from transformers import GPT2Config, GPT2Model
+    from transformers import OPTConfig, OPTModel
 
-    model = GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    model = OPTModel(OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=8, vocab_size=50,
+                               word_embed_proj_dim=16))
     with pytest.raises(UnsupportedModelError) as info:
         ISpaSPPruner(model, PrunerConfig())
     message = str(info.value)
-    assert "'gpt2'" in message and "bert" in message and "register_adapter" in message
+    assert "'opt'" in message and "bert" in message and "llama" in message and "register_adapter" in message
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXT_CONFIGS, tiny_factories, tiny_text_model, token_batches
+from conftest import DECODER_CONFIGS, TEXT_CONFIGS, tiny_factories, tiny_text_model, token_batches
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, load_pruned, save_pruned
 from hf_ispasp.adapters import ADAPTER_REGISTRY
@@ -44,7 +44,7 @@ def _outputs(model, batch):
 
 def _calibration(model):
     adapter = adapter_for(model)
-    if hasattr(model, "config") and getattr(model.config, "model_type", None) in TEXT_CONFIGS:
+    if hasattr(model, "config") and getattr(model.config, "model_type", None) in {*TEXT_CONFIGS, *DECODER_CONFIGS}:
         pad = model.config.pad_token_id or 0
         return token_batches(pad_id=pad)
     example = adapter.example_inputs(batch_size=4)

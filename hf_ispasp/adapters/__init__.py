@@ -1,6 +1,6 @@
 """Architecture adapters; importing this package registers the built-in ones."""
 
-from . import encoders, vit  # noqa: F401  (registers the adapters)
+from . import decoders, encoders, vit  # noqa: F401  (registers the adapters)
 from .base import (
     ADAPTER_REGISTRY,
     ModelAdapter,
@@ -29,6 +29,7 @@ __all__ = [
     "SpecAdapter",
     "UnsupportedModelError",
     "adapter_for",
+    "decoders",
     "encoders",
     "register_adapter",
     "supported_model_types",

@@ -37,7 +37,8 @@ class PrunableBlock:
     """One prunable block of a layer: ``H`` is the input of ``down``; groups are ``group_size`` columns.
 
     ``kind`` is ``"heads"`` (budget from ``head_keep_ratio``) or ``"ffn"`` (``ffn_keep_ratio``; CNN inner
-    channels use it too).
+    channels use it too). ``partitions`` > 1: the groups fall into that many equal, contiguous runs and every run
+    keeps the same number of groups (query heads inside each key/value head under ``gqa_groups="query"``).
     """
 
     name: str
@@ -46,6 +47,7 @@ class PrunableBlock:
     down: nn.Module
     group_size: int
     num_groups: int
+    partitions: int = 1
 
 
 @dataclass
@@ -121,6 +123,9 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def configure(self, config: Any) -> None:  # noqa: B027 (optional hook)
+        """Take the options of a :class:`~hf_ispasp.PrunerConfig` that change the groups (e.g. ``gqa_groups``)."""
 
     # Structure -------------------------------------------------------------------------------------
     @abstractmethod

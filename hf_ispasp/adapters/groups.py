@@ -63,16 +63,31 @@ KINDS = ("heads", "ffn")
 
 @dataclass(frozen=True)
 class Cut:
-    """A module sliced with the groups: ``path`` relative to the layer, ``sizes`` its row map (see the module doc)."""
+    """A module sliced with the groups: ``path`` relative to the layer, ``sizes`` its row map (see the module doc).
+
+    ``whole``: units after the grouped segments that every group shares and no cut removes (the key and value
+    rows of Phi-3's fused ``qkv_proj`` when only query heads are pruned).
+    """
 
     path: str
     sizes: tuple[int, ...] = (1,)
+    whole: int = 0
 
     def __post_init__(self) -> None:
         sizes = (self.sizes,) if isinstance(self.sizes, int) else tuple(int(s) for s in self.sizes)
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"Cut({self.path!r}): sizes must be positive run lengths, got {self.sizes!r}")
+        if self.whole < 0:
+            raise ValueError(f"Cut({self.path!r}): whole must be >= 0, got {self.whole}")
         object.__setattr__(self, "sizes", sizes)
+
+    def rows(self, groups: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices kept along the sliced dimension when ``groups`` of ``count`` stay."""
+        index = group_rows(groups, count, self.sizes)
+        if not self.whole:
+            return index
+        start = count * sum(self.sizes)
+        return torch.cat([index, torch.arange(start, start + self.whole, dtype=index.dtype)])
 
     @classmethod
     def fused(cls, path: str, size: int, parts: int) -> Cut:
@@ -106,6 +121,8 @@ class GroupSpec:
         attrs: Attributes set from the kept count.
         down_norm: A BatchNorm right after a bias-free ``down``: the re-fitted bias folds into its running mean.
         im2col: ``down`` is a k x k conv read as im2col rows (a group is ``k * k`` columns of ``H`` per channel).
+        partitions: The groups fall into this many equal contiguous runs, each keeping as many groups as the
+            others (query heads inside each key/value head); the selection enforces it.
     """
 
     name: str
@@ -116,8 +133,11 @@ class GroupSpec:
     attrs: tuple[Attr, ...] = ()
     down_norm: str | None = None
     im2col: bool = False
+    partitions: int = 1
 
     def __post_init__(self) -> None:
+        if self.partitions < 1:
+            raise ValueError(f"GroupSpec {self.name!r}: partitions must be >= 1, got {self.partitions}")
         if self.kind not in KINDS:
             raise ValueError(f"GroupSpec {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         object.__setattr__(self, "down", _cut(self.down))
@@ -213,7 +233,7 @@ def _per_group(scores: torch.Tensor, count: int, sizes: tuple[int, ...]) -> torc
 def _checked(root: nn.Module, spec: GroupSpec, cut: Cut, count: int, output: bool) -> nn.Module:
     """The module of ``cut``, after checking that its sliced dimension has ``count`` groups of its row map."""
     module = get_module(root, cut.path)
-    units, expected = _units(module, output), count * sum(cut.sizes)
+    units, expected = _units(module, output), count * sum(cut.sizes) + cut.whole
     if units != expected:
         side = "output" if output else "input"
         raise ValueError(
@@ -252,7 +272,7 @@ def compact_groups(root: nn.Module, spec: GroupSpec, groups: torch.Tensor) -> No
     if groups.numel() == 0 or int(groups.min()) < 0 or int(groups.max()) >= count:
         raise ValueError(f"{spec.name}: kept groups must be a non-empty subset of 0..{count - 1}, got {groups}")
     for cut, output in _cuts(spec):
-        module, index = get_module(root, cut.path), group_rows(groups, count, cut.sizes)
+        module, index = get_module(root, cut.path), cut.rows(groups, count)
         new = slice_out(module, index) if output else slice_in(module, index)
         if new is not module:
             set_module(root, cut.path, new)
@@ -308,7 +328,10 @@ class SpecAdapter(ModelAdapter):
                 if not spec.im2col:
                     raise ValueError(f"{spec.name}: a {down.kernel_size} conv as down needs im2col=True")
                 columns *= down.kernel_size[0] * down.kernel_size[1]
-            result.append(PrunableBlock(spec.name, spec.kind, layer, down, columns, group_count(root, spec)))
+            count = group_count(root, spec)
+            if count % spec.partitions:
+                raise ValueError(f"{spec.name}: {count} groups do not split into {spec.partitions} equal runs")
+            result.append(PrunableBlock(spec.name, spec.kind, layer, down, columns, count, spec.partitions))
         return result
 
     def current_down(self, block: PrunableBlock) -> nn.Module:
@@ -316,6 +339,17 @@ class SpecAdapter(ModelAdapter):
 
     def compact(self, block: PrunableBlock, groups: torch.Tensor) -> None:
         compact_groups(self.layers()[block.layer], self.spec(block), groups)
+        self.after_compact(block.layer)
+
+    def after_compact(self, layer: int) -> None:
+        """Update what follows several group counts at once (an ``Attr`` follows one); called after every cut."""
+
+    def record_specs(self, layer: int) -> list[GroupSpec]:
+        """The specs whose counts the width record holds (``group_specs`` unless an option changes those)."""
+        return self.group_specs(layer)
+
+    def apply_record_extras(self, layer: int, record: Mapping[str, Any]) -> None:
+        """Reshape ``layer`` to what the record holds beyond the spec counts (before the counts are applied)."""
 
     def weight_scores(self, block: PrunableBlock) -> torch.Tensor:
         return group_scores(self.layers()[block.layer], self.spec(block))
@@ -370,7 +404,8 @@ class SpecAdapter(ModelAdapter):
         return {}
 
     def widths(self) -> dict[str, Any]:
-        counts = [[(b.kind, b.num_groups) for b in self.blocks(i)] for i in range(len(self.layers()))]
+        layers = self.layers()
+        counts = [[(s.kind, group_count(layers[i], s)) for s in self.record_specs(i)] for i in range(len(layers))]
         record: dict[str, Any] = {"format": self.WIDTHS_FORMAT, **self.record_extras()}
         if not self.RECORD_KINDS:
             return {**record, "layers": [[n for _, n in layer] for layer in counts]}
@@ -403,11 +438,14 @@ class SpecAdapter(ModelAdapter):
 
     def apply_widths(self, record: Mapping[str, Any]) -> None:
         for index, widths in enumerate(self.record_counts(record)):
-            blocks = self.blocks(index)
-            if len(widths) != len(blocks):
-                raise ValueError(f"layer {index}: record has {len(widths)} prunable blocks, the model {len(blocks)}")
-            for block, width in zip(blocks, widths, strict=True):
-                if not 1 <= int(width) <= block.num_groups:
-                    raise ValueError(f"{block.name}: recorded width {width} is outside 1..{block.num_groups}")
-                if int(width) != block.num_groups:
-                    self.compact(block, torch.arange(int(width)))
+            self.apply_record_extras(index, record)
+            root, specs = self.layers()[index], self.record_specs(index)
+            if len(widths) != len(specs):
+                raise ValueError(f"layer {index}: record has {len(widths)} prunable blocks, the model {len(specs)}")
+            for spec, width in zip(specs, widths, strict=True):
+                count = group_count(root, spec)
+                if not 1 <= int(width) <= count:
+                    raise ValueError(f"{spec.name}: recorded width {width} is outside 1..{count}")
+                if int(width) != count:
+                    compact_groups(root, spec, torch.arange(int(width)))
+                    self.after_compact(index)
