@@ -25,6 +25,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .baselines import flap_scores, wanda_sp_scores
+from .heldout import Fold, fold_scores
+from .partitions import check_partitions, drops_above_floor, random_per_run, topk_per_run
+
 __all__ = [
     "REFIT_RIDGES",
     "BlockStatistics",
@@ -187,8 +191,13 @@ def group_columns(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
 
 
-def _topk_groups(scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the ``k`` largest scores (ties broken by lower index, deterministically)."""
+def _topk_groups(
+    scores: torch.Tensor, k: int, candidates: torch.Tensor | None = None, partitions: int = 1
+) -> torch.Tensor:
+    """Indices of the ``k`` largest scores (ties broken by lower index, deterministically); with ``partitions``
+    > 1 the ``k / partitions`` largest of every run."""
+    if partitions > 1:
+        return topk_per_run(scores, k // partitions, partitions, candidates)
     if candidates is not None:
         scores = torch.where(candidates, scores, torch.full_like(scores, -torch.inf))
     order = torch.argsort(-scores, stable=True)
@@ -239,12 +248,13 @@ class _Problem:
             return torch.diagonal(self.group_energy())
         raise ValueError(f"unknown score {kind!r}")
 
-    def residual_threshold(self, merged: torch.Tensor, keep: int) -> torch.Tensor:
+    def residual_threshold(self, merged: torch.Tensor, keep: int, partitions: int = 1) -> torch.Tensor:
         """Backward elimination on the merged support with the exact residual (no re-solve).
 
         One group leaves per step, so the loop is inherently sequential: it runs on the host on a cached copy of
         the group-level energy (a GPU would spend its time launching a handful of tiny kernels per step), after
-        ``E m`` is formed where the statistics live.
+        ``E m`` is formed where the statistics live. With ``partitions``, a run at ``keep / partitions`` groups
+        loses no more.
         """
         g = self.group_size
         energy_t, self_energy = self._host_energy()
@@ -252,11 +262,15 @@ class _Problem:
         candidate[merged.cpu().numpy()] = True
         energy_m = _group_sum(self.energy @ self.dropped_mask(merged), g).cpu().numpy()  # E m, per group
         remaining = int(candidate.sum())
+        run = np.arange(self.num_groups) // (self.num_groups // partitions)
+        counts = np.bincount(run[candidate], minlength=partitions)
         while remaining > keep:
             # Residual increase when group j joins the dropped set: 2 (E m)_j + E_jj (ties: the lower index).
-            increase = np.where(candidate, 2 * energy_m + self_energy, np.inf)
+            movable = candidate & (counts[run] > keep // partitions) if partitions > 1 else candidate
+            increase = np.where(movable, 2 * energy_m + self_energy, np.inf)
             drop = int(np.argmin(increase))
             candidate[drop] = False
+            counts[run[drop]] -= 1
             remaining -= 1
             energy_m += energy_t[drop]
         return torch.from_numpy(np.flatnonzero(candidate)).to(merged.device)
@@ -274,7 +288,8 @@ class _Problem:
         return self._host
 
     def refit_threshold(
-        self, merged: torch.Tensor, keep: int, centered: bool, damping: float, anchored: bool = False
+        self, merged: torch.Tensor, keep: int, centered: bool, damping: float, anchored: bool = False,
+        partitions: int = 1,
     ) -> tuple[torch.Tensor, float]:
         """Backward elimination on the merged support scored by the residual *after* the least-squares re-fit.
 
@@ -287,7 +302,8 @@ class _Problem:
         :func:`refit_projection`). That is ordinary least squares on an augmented design (``sqrt(ridge) I`` rows
         with targets ``sqrt(ridge) W``) whose objective also charges ``ridge ||W_j||^2`` for every dropped
         group, so the same downdates apply and that charge is subtracted from the cost; the returned value is
-        the ridge objective ``||Y - H_S W'^T||^2 + ridge ||W' - W_S||^2`` (summed over tokens).
+        the ridge objective ``||Y - H_S W'^T||^2 + ridge ||W' - W_S||^2`` (summed over tokens). With
+        ``partitions``, a chunk takes the cheapest groups whose run stays at ``keep / partitions`` or more.
         """
         g, n = self.group_size, max(float(self.stats.count), 1.0)
         cov = _moments(self.stats, centered)[1]
@@ -314,7 +330,15 @@ class _Problem:
             if anchored:  # the augmented objective charges ridge ||W_j||^2 for a dropped group; the true one not
                 cost = cost - ridge * _group_sum(column_sq[group_columns(kept, g)], g)
             order = torch.argsort(cost, stable=True)
-            drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
+            if partitions > 1:  # the cheapest groups whose runs stay at keep / partitions or more
+                runs = (kept // (self.num_groups // partitions)).cpu().numpy()
+                chosen = drops_above_floor(runs[order.cpu().numpy()], np.bincount(runs, minlength=partitions),
+                                           keep // partitions, min(chunk, m - keep))
+                leaving = torch.zeros(m, dtype=torch.bool, device=order.device)
+                leaving[torch.from_numpy(chosen).to(order.device)] = True
+                drop, stay = order[leaving], torch.sort(order[~leaving]).values
+            else:
+                drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
             idx, rest = group_columns(drop, g), group_columns(stay, g)
             p_rj = inv[rest][:, idx]
             solved = torch.linalg.solve(inv[idx][:, idx], torch.cat([p_rj.T, coef[idx]], 1))
@@ -347,6 +371,7 @@ def select_groups(
     centered: bool = True,
     damping: float = 1e-4,
     anchored: bool = False,
+    partitions: int = 1,
 ) -> SelectionResult:
     """Choose ``keep`` groups of a block.
 
@@ -356,17 +381,21 @@ def select_groups(
         group_size: Columns per group (1 for neurons, head_dim for attention heads).
         keep: Number of groups to keep, ``1 <= keep <= num_groups``.
         selection: ``ispasp`` or a baseline (``random``, ``weight_magnitude``, ``activation``,
-            ``output_energy``).
+            ``output_energy``, ``taylor``, ``wanda_sp``, ``flap``, ``llm_pruner``; see :mod:`hf_ispasp.baselines`).
         proxy: ``sum`` (signed sum over samples, as the reference code) or ``l2`` over samples.
         threshold: ``sum``, ``l2``, ``output`` (static scores), ``residual`` (exact residual elimination) or
             ``refit`` (elimination by the residual after the least-squares re-fit).
         num_iterations: Maximum iterations; stops when the support repeats.
-        weight_scores: Per-group scores, required by ``weight_magnitude`` and ``taylor``.
+        weight_scores: Per-group scores, required by ``weight_magnitude``, ``taylor`` and ``llm_pruner``.
         generator: Random generator for ``random``.
         centered: The re-fit has a bias (use centred statistics); only for ``threshold="refit"``.
         damping: Relative ridge of the re-fit; only for ``threshold="refit"``.
         anchored: The ridge pulls the re-fit towards the original columns instead of zero (see
             :func:`refit_projection`); only for ``threshold="refit"``.
+        partitions: The groups fall into this many equal contiguous runs and every run keeps ``keep / partitions``
+            (see :mod:`hf_ispasp.partitions`): ranking rules take the top of every run, ``random`` draws per run,
+            i-SpaSP's candidate step takes the top ``2 keep / partitions`` of every run and its thresholds never
+            take a run below ``keep / partitions``.
     """
     if stats.width % group_size:
         raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
@@ -374,21 +403,31 @@ def select_groups(
     n = problem.num_groups
     if not 1 <= keep <= n:
         raise ValueError(f"cannot keep {keep} of {n} groups")
+    check_partitions(n, keep, partitions)
+    p = partitions
     history: list[float] = []
     iterations = 0
     device = problem.gram.device
     if keep == n:
         support = torch.arange(n, device=device)
-    elif selection == "random":
+    elif selection == "random" and p == 1:
         support = torch.randperm(n, generator=generator)[:keep].to(device)
-    elif selection in ("weight_magnitude", "taylor"):
+    elif selection == "random":
+        support = random_per_run(n, keep // p, p, generator).to(device)
+    elif selection in ("weight_magnitude", "taylor", "llm_pruner"):
         if weight_scores is None:
             raise ValueError(f"{selection} selection needs weight_scores (precomputed per-group scores)")
-        support = _topk_groups(weight_scores.to(device=device, dtype=problem.gram.dtype), keep)
+        support = _topk_groups(weight_scores.to(device=device, dtype=problem.gram.dtype), keep, partitions=p)
     elif selection == "activation":
-        support = _topk_groups(problem.static_score("l2"), keep)
+        support = _topk_groups(problem.static_score("l2"), keep, partitions=p)
     elif selection == "output_energy":
-        support = _topk_groups(problem.static_score("output"), keep)
+        support = _topk_groups(problem.static_score("output"), keep, partitions=p)
+    elif selection == "wanda_sp":
+        support = _topk_groups(wanda_sp_scores(torch.diagonal(stats.gram), problem.weight, group_size), keep,
+                               partitions=p)
+    elif selection == "flap":
+        scores = flap_scores(float(stats.count), stats.total, torch.diagonal(stats.gram), problem.weight, group_size)
+        support = _topk_groups(scores, keep, partitions=p)
     elif selection == "ispasp":
         static = None if threshold in ("residual", "refit") else problem.static_score(threshold)
         support = torch.zeros(0, dtype=torch.long, device=device)
@@ -396,7 +435,7 @@ def select_groups(
         previous = None
         for iterations in range(1, num_iterations + 1):  # noqa: B007 (reported after the loop)
             scores = problem.proxy(support, proxy)
-            omega = _topk_groups(scores, min(2 * keep, n))
+            omega = _topk_groups(scores, min(2 * keep, n), partitions=p)
             merged = torch.zeros(n, dtype=torch.bool, device=device)
             merged[omega] = True
             merged[support] = True
@@ -405,11 +444,11 @@ def select_groups(
             previous = merged
             candidates = torch.nonzero(merged).flatten()
             if threshold == "refit":
-                new_support, residual = problem.refit_threshold(candidates, keep, centered, damping, anchored)
+                new_support, residual = problem.refit_threshold(candidates, keep, centered, damping, anchored, p)
             elif threshold == "residual":
-                new_support = problem.residual_threshold(candidates, keep)
+                new_support = problem.residual_threshold(candidates, keep, p)
             else:
-                new_support = _topk_groups(static, keep, candidates=merged)
+                new_support = _topk_groups(static, keep, candidates=merged, partitions=p)
             new_support = torch.sort(new_support).values
             if threshold != "refit":  # the re-fit threshold tracks the residual after re-fit instead
                 residual = problem.residual(new_support)
@@ -578,67 +617,12 @@ def validate_refit(
     folds = []
     for half in halves:
         mean, cov = _moments(half, centered)
-        folds.append(_Fold(mean, cov, float(half.count), cov[cols] @ w.T, cov[cols][:, cols]))
+        folds.append(Fold(mean, cov, float(half.count), cov[cols] @ w.T, cov[cols][:, cols]))
     scores = dict.fromkeys(ridges, 0.0)
     for fit, test in (folds, folds[::-1]):
-        for ridge, value in _fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit.count).items():
+        for ridge, value in fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit.count).items():
             scores[ridge] += value
     best = min(scores, key=lambda r: scores[r])  # ties: the first (smallest) ridge of the grid
     if scores[best] < plain:
         return RefitChoice(best, scores[best], plain, scores)
     return RefitChoice(None, plain, plain, scores)
-
-
-@dataclass
-class _Fold:
-    """Moments of one half, and its products with the kept columns (shared by both directions of the CV)."""
-
-    mean: torch.Tensor
-    cov: torch.Tensor
-    count: float
-    cov_w: torch.Tensor  # C[S, :] W^T  (k x d)
-    cov_ss: torch.Tensor  # C[S, S]
-
-
-def _fold_scores(
-    fit: _Fold, test: _Fold, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, cols: torch.Tensor,
-    ridges: tuple[float, ...], scale: float,
-) -> dict[float, float]:
-    """Residual on ``test`` of the anchored re-fit on ``fit``, for every relative ridge (times ``scale``).
-
-    Same solution as :func:`refit_projection` (``anchored=True``, relative ridge times ``scale``), through one
-    eigendecomposition: with ``C_SS = U diag(e) U^T``, ``W'^T = U Z``, ``Z = diag(1 / (e + r)) (B + r P)``,
-    ``B = U^T C_S W^T``, ``P = U^T W_S^T``. The re-fitted bias makes the mean error on ``test``
-    ``D (mean_test - mean_fit)`` with ``D = W - W'`` (zero-padded), so the residual is
-    ``n_test (tr(D C_test D^T) + ||D delta||^2)``, expanded in the kept columns; its terms are quadratic in ``r``
-    with fixed k x k coefficient matrices, so every further ridge costs O(k^2), not O(k^2 d).
-    """
-    delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
-    values, vectors = torch.linalg.eigh(fit.cov_ss)
-    values = values.clamp_min(0)
-    b = vectors.T @ fit.cov_w  # (k x d)
-    p = vectors.T @ w[:, cols].T
-    cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
-    rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
-    total = float((test.cov * gram_w).sum())  # tr(W C_t W^T)
-    # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
-    bp = b @ p.T
-    quad = (rotated * (b @ b.T), rotated * (bp + bp.T), rotated * (p @ p.T))
-    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
-    delta_s = vectors.T @ delta[cols]
-    w_delta = w @ delta
-    unit = float(torch.diagonal(fit.cov).mean().clamp_min(0))
-    out = {}
-    for ridge in ridges:
-        if math.isinf(ridge):  # Z = P
-            spread = total - 2 * float(lin[1].sum()) + float(quad[2].sum())
-            shifted = p.T @ delta_s
-        else:
-            r = ridge * scale * unit + 1e-12
-            d = 1.0 / (values + r)
-            spread = total - 2 * float(d @ (lin[0] + r * lin[1]))
-            spread += float(d @ (quad[0] + r * quad[1] + r * r * quad[2]) @ d)
-            shifted = (b + r * p).T @ (d * delta_s)
-        offset = float((w_delta - shifted).pow(2).sum())
-        out[ridge] = test.count * (max(spread, 0.0) + offset)
-    return out

@@ -13,12 +13,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SELECTIONS = ("ispasp", "random", "weight_magnitude", "activation", "output_energy", "taylor")
+SELECTIONS = (
+    "ispasp", "random", "weight_magnitude", "activation", "output_energy", "taylor", "wanda_sp", "flap", "llm_pruner",
+)
 PROXIES = ("sum", "l2")
 THRESHOLDS = ("sum", "l2", "output", "residual", "refit")
 CACHES = ("auto", "device", "cpu", "disk", "memory")
 SELECTION_DTYPES = ("float64", "float32")
 STATS_DTYPES = ("float32", "float64")
+GQA_GROUPS = ("kv", "query")
 _OVERRIDE_KEYS = ("ffn_keep_ratio", "head_keep_ratio")
 
 
@@ -63,8 +66,18 @@ class PrunerConfig:
         ffn_keep_ratio: Fraction of FFN neurons (CNN inner channels) kept in every layer.
         head_keep_ratio: Fraction of attention heads kept in every layer.
         num_iterations: Maximum i-SpaSP iterations per block; stops early once the support is stable.
-        selection: Selection rule. `ispasp` is the algorithm; the others are baselines sharing the engine
-            (`taylor` needs labels in the calibration batches and one backward pass of the dense model).
+        selection: Selection rule. `ispasp` is the algorithm; the others are baselines sharing the engine:
+            `random`, `weight_magnitude`, `activation` (L2 norm of the group's hidden units), `output_energy`,
+            `taylor` (Molchanov et al., first-order Taylor of the task loss on the hidden units), and the LLM
+            baselines `wanda_sp` (structured Wanda, as evaluated by An et al., AAAI 2024), `flap` (FLAP's
+            fluctuation metric with its bias compensation; An et al., AAAI 2024) and `llm_pruner` (LLM-Pruner's
+            first-order Taylor importance of the group's weights; Ma et al., NeurIPS 2023); see
+            `hf_ispasp.baselines` and `hf_ispasp.importance`. `taylor` and `llm_pruner` run one backward pass of
+            the dense model per calibration batch and need labels, except on a causal language model, where
+            the labels are the input ids (padding ignored). `flap` adds a bias to a bias-free output projection
+            (recorded in the checkpoint, recreated by `load_pruned`); with `refit=True` the (validated) re-fit,
+            which re-fits that bias too, replaces FLAP's compensation wherever a re-fit is installed. Compare the
+            baselines with `refit=False` to measure the published rules.
         proxy: How the residual gradient is aggregated per group: `sum` (paper) or `l2` over samples.
         threshold: Score used to cut the merged support back to `s` groups: `sum` of activations (paper),
             `l2` norm of activations, `output` energy of the group's contribution to the block output, or
@@ -99,6 +112,11 @@ class PrunerConfig:
             differently.
         seed: Seed for the `random` rule and any tie-breaking.
         show_progress: Show tqdm progress bars.
+        gqa_groups: What a group of a grouped-query attention layer is. `kv` (default): one key/value head together
+            with its query heads; `head_keep_ratio` is then the fraction of KV heads kept (whole KV groups are
+            removed, the query heads per KV head are unchanged). `query`: one query head; every KV head is kept
+            and `head_keep_ratio` is the fraction of query heads kept, the same number inside each KV group. On
+            multi-head attention (no GQA) both mean heads.
     """
 
     ffn_keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of FFN neurons kept per layer."})
@@ -125,6 +143,11 @@ class PrunerConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for random selection and tie-breaking."})
     show_progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    gqa_groups: str = field(
+        default="kv",
+        metadata={"help": f"Grouped-query attention groups, one of {GQA_GROUPS}: whole KV heads with their query "
+                          "heads ('kv'), or query heads, equally many per KV head ('query')."},
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -150,6 +173,7 @@ class PrunerConfig:
         _check_choice("stats_dtype", self.stats_dtype, STATS_DTYPES)
         _check_choice("activation_cache", self.activation_cache, CACHES)
         _check_choice("selection_dtype", self.selection_dtype, SELECTION_DTYPES)
+        _check_choice("gqa_groups", self.gqa_groups, GQA_GROUPS)
         damping = self.refit_damping
         if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping)) or (
             self.refit_damping < 0
@@ -216,8 +240,16 @@ class PrunerConfig:
             return cls.from_dict(json.load(f))
 
 
-def kept_count(num_groups: int, ratio: float, round_to: int = 1) -> int:
-    """Groups kept for a ratio: at least one, rounded to a multiple of ``round_to`` when that is possible."""
+def kept_count(num_groups: int, ratio: float, round_to: int = 1, partitions: int = 1) -> int:
+    """Groups kept for a ratio: at least one, rounded to a multiple of ``round_to`` when that is possible.
+
+    With ``partitions`` > 1 the groups fall into that many equal runs that must keep equally many (query heads per
+    key/value head): ``partitions * kept_count(num_groups // partitions, ratio, round_to)``, at least one per run.
+    """
+    if partitions > 1:
+        if num_groups % partitions:
+            raise ValueError(f"{num_groups} groups do not split into {partitions} equal runs")
+        return partitions * kept_count(num_groups // partitions, ratio, round_to)
     keep = max(1, round(ratio * num_groups))
     if round_to > 1 and num_groups >= round_to:
         keep = max(round_to, int(round(keep / round_to)) * round_to)

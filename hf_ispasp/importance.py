@@ -1,25 +1,35 @@
-"""First-order Taylor importance of groups (Molchanov et al., "Importance Estimation for Neural Network
-Pruning", CVPR 2019), the label-using baseline that i-SpaSP is compared against.
+"""Gradient-based group importance: the loss-using baselines that i-SpaSP is compared against.
 
-The score of a group is, summed over calibration sequences, ``|sum over the sequence's tokens and the group's
-columns of H * dL/dH|``: the first-order change of the task loss when the group's hidden representation is
-set to zero, taken per example as in Molchanov et al. (2017), so that opposite signs on different sequences
-do not cancel. Scores come from one forward and one backward pass of the *dense* model per calibration
-batch, so, unlike i-SpaSP, the rule needs labels.
+- ``taylor`` (:func:`taylor_scores`): first-order Taylor importance of the hidden units (Molchanov et al.,
+  "Importance Estimation for Neural Network Pruning", CVPR 2019). The score of a group is, summed over
+  calibration sequences, ``|sum over the sequence's tokens and the group's columns of H * dL/dH|``: the
+  first-order change of the task loss when the group's hidden representation is set to zero, taken per example
+  as in Molchanov et al. (2017), so that opposite signs on different sequences do not cancel.
+- ``llm_pruner`` (:func:`llm_pruner_scores`): LLM-Pruner's group importance (Ma, Fang, Wang, "LLM-Pruner: On the
+  Structural Pruning of Large Language Models", NeurIPS 2023), element-wise first order (their ``param_first``)
+  with ``sum`` aggregation: ``sum |W * dL/dW|`` over every weight removed with the group.
+
+Scores come from one forward and one backward pass of the *dense* model per calibration batch. The loss is the
+model's own (``labels`` in the batch); a causal language model without labels is scored on next-token
+prediction of its inputs, padding ignored (``labels = input_ids``, ``-100`` where ``attention_mask == 0``), as
+LLM-Pruner does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from .adapters.base import ModelAdapter
+from .adapters.base import ModelAdapter, PrunableBlock
+from .adapters.groups import get_module
+from .surgery import group_rows
 
-__all__ = ["taylor_scores"]
+__all__ = ["is_causal_lm", "llm_pruner_scores", "taylor_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +45,61 @@ def _labels(batch: Any) -> torch.Tensor | None:
     return None
 
 
+def is_causal_lm(model: nn.Module, adapter: ModelAdapter | None = None) -> bool:
+    """A causal language model: its adapter says so (``causal_lm``), its config is a decoder's, or its class is an
+    LM head (``...ForCausalLM``, ``...LMHeadModel``)."""
+    if getattr(adapter, "causal_lm", False) or getattr(getattr(model, "config", None), "is_decoder", False):
+        return True
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _losses(
+    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device, rule: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(loss, labels, token mask)`` of the model on every batch; labels of a causal LM default to its inputs."""
+    causal = is_causal_lm(model, adapter)
+    for batch in batches:
+        labels = _labels(batch)
+        args, kwargs, mask = adapter.prepare_batch(batch, device)
+        if labels is None and causal and "input_ids" in kwargs:
+            labels = kwargs["input_ids"].clone()
+            if mask is not None:
+                labels[~mask.to(labels.device)] = -100  # padding predicts nothing and is never a target
+        if labels is None:
+            raise ValueError(
+                f"selection={rule!r} needs labels in every calibration batch (a 'labels' entry) to compute the task "
+                "loss; keep the label column in the calibration DataLoader (a causal language model uses its "
+                "input_ids), or use a label-free rule such as selection='ispasp'"
+            )
+        labels = labels.to(device)
+        output = model(*args, **kwargs, labels=labels)
+        loss = getattr(output, "loss", None)
+        if loss is None:
+            raise ValueError(f"{type(model).__name__} returned no loss for labelled inputs; cannot use {rule}")
+        yield loss, labels, mask
+
+
+def _target_count(labels: torch.Tensor, causal: bool) -> float:
+    """Targets a mean loss averages over: shifted next-token labels of a causal LM, else labels not ``-100``."""
+    if labels.is_floating_point():
+        return float(labels.shape[0]) if labels.dim() else 1.0
+    if causal and labels.dim() == 2:
+        labels = labels[:, 1:]
+    return float((labels != -100).sum())
+
+
 def taylor_scores(
-    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device
+    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-group Taylor scores of every prunable block of ``model``, keyed by block name.
 
     Args:
         model: The dense model; it must compute its task loss when called with ``labels``.
         adapter: Its adapter (gives the blocks and reads ``H`` without padding).
-        batches: Calibration batches with a ``labels`` (or ``label``) entry.
+        batches: Calibration batches with a ``labels`` (or ``label``) entry; optional for a causal LM.
         device: Where the model runs.
+        reduce: Sums a tensor in place across processes (each scored its own shard), so all select alike.
 
     Raises:
         ValueError: a batch has no labels, or the model returns no loss.
@@ -74,20 +129,7 @@ def taylor_scores(
     seen = 0
     try:
         with torch.enable_grad():
-            for batch in batches:
-                labels = _labels(batch)
-                if labels is None:
-                    raise ValueError(
-                        "selection='taylor' needs labels in every calibration batch (a 'labels' entry) to compute "
-                        "the task loss; keep the label column in the calibration DataLoader, or use a label-free "
-                        "rule such as selection='ispasp'"
-                    )
-                args, kwargs, mask = adapter.prepare_batch(batch, device)
-                captured.clear()
-                output = model(*args, **kwargs, labels=labels.to(device))
-                loss = getattr(output, "loss", None)
-                if loss is None:
-                    raise ValueError(f"{type(model).__name__} returned no loss for labelled inputs; cannot use taylor")
+            for loss, _, mask in _losses(model, adapter, batches, device, "taylor"):
                 hit = [b for b in blocks if b.name in captured]
                 # Gradients of the captured H only: parameters' .grad (and requires_grad) stay as they were.
                 grads = (torch.autograd.grad(loss, [captured[b.name] for b in hit], allow_unused=True)
@@ -96,6 +138,7 @@ def taylor_scores(
                     if grad is not None:
                         product = (captured[block.name] * grad).detach()
                         sums[block.name] += _per_sequence(adapter, block, product, mask)
+                captured.clear()
                 seen += 1
     finally:
         for handle in handles:
@@ -103,6 +146,9 @@ def taylor_scores(
         model.train(was_training)
     if seen == 0:
         raise ValueError("selection='taylor' got no calibration batches")
+    if reduce is not None:
+        for total in sums.values():
+            reduce(total)
     logger.debug("taylor scores from %d batches", seen)
     return sums
 
@@ -116,3 +162,101 @@ def _per_sequence(adapter: ModelAdapter, block: Any, product: torch.Tensor, mask
         per_seq = adapter.hidden_rows(block, product, mask).sum(0, keepdim=True)
     grouped = per_seq.reshape(-1, width).to(torch.float64).reshape(-1, block.num_groups, block.group_size).sum(-1)
     return grouped.abs().sum(0).cpu()
+
+
+def llm_pruner_scores(
+    model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device,
+    reduce: Callable[[torch.Tensor], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """LLM-Pruner's per-group importance of every prunable block, keyed by block name.
+
+    ``sum |W * G|`` over every weight removed with the group (rows of the output-side projections, columns of the
+    input-side ones and of ``down``, the weight of a norm sliced with it; biases are not counted, as in the
+    reference ``TaylorImportance``), with ``G`` the gradient of the loss summed over all calibration targets
+    (each batch's mean loss weighted by its target count, i.e. the gradient of the mean over the whole calibration
+    set up to a constant), accumulated before the absolute value as LLM-Pruner's single backward pass over all
+    its examples does. Which weights go with a group comes from the adapter's group spec (its cuts and row
+    maps). Parameter gradients are computed with ``torch.autograd.grad``: ``.grad`` is never written, and a frozen
+    weight is made to require a gradient only for the duration of the call. Memory: one float32 gradient per
+    prunable weight. ``reduce`` (see :func:`taylor_scores`) sums the gradients across processes before the
+    absolute value, so a sharded calibration scores exactly as one process would on all the data.
+
+    Deviations: the reference prunes a fixed range of layers with a global or per-layer ratio; here every block
+    gets the engine's budget, so rules compare at equal widths. Blocks are scored once, on the dense model.
+
+    Raises:
+        ValueError: the adapter has no group specs, a batch has no labels (and the model is no causal LM), or the
+            model returns no loss.
+    """
+    spec_of = getattr(adapter, "spec", None)
+    if spec_of is None:
+        raise ValueError(
+            f"selection='llm_pruner' needs an adapter built on group specs (hf_ispasp.adapters.SpecAdapter) to know "
+            f"which weights go with a group; {type(adapter).__name__} has none"
+        )
+    blocks = list(adapter.iter_blocks())
+    cuts = {b.name: _weighted_cuts(adapter, b) for b in blocks}
+    params = list({id(w): w for parts in cuts.values() for _, w, _, _ in parts}.values())
+    frozen = [p for p in params if not p.requires_grad]
+    causal = is_causal_lm(model, adapter)
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for loss, labels, _ in _losses(model, adapter, batches, device, "llm_pruner"):
+                grads = torch.autograd.grad(loss * _target_count(labels, causal), params, allow_unused=True)
+                for total, grad in zip(sums, grads, strict=True):
+                    if grad is not None:
+                        total += grad.to(torch.float32)
+                seen += 1
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("selection='llm_pruner' got no calibration batches")
+    if reduce is not None:
+        for total in sums:
+            reduce(total)
+    gradient = {id(p): g for p, g in zip(params, sums, strict=True)}
+    scores = {}
+    for block in blocks:
+        total = torch.zeros(block.num_groups, dtype=torch.float64)
+        for module, weight, output, sizes in cuts[block.name]:
+            salience = (weight.detach().to(torch.float32) * gradient[id(weight)]).abs()
+            per_unit = _per_unit(module, salience, output).to(torch.float64).cpu()
+            rows = group_rows(torch.arange(block.num_groups), block.num_groups, sizes)
+            owners = torch.cat([torch.arange(block.num_groups).repeat_interleave(size) for size in sizes])
+            total.index_add_(0, owners, per_unit[rows])
+        scores[block.name] = total
+    logger.debug("llm_pruner scores from %d batches", seen)
+    return scores
+
+
+def _weighted_cuts(adapter: ModelAdapter, block: PrunableBlock) -> list[tuple[nn.Module, torch.Tensor, bool, tuple]]:
+    """``(module, weight, output side, row map)`` of every cut of ``block``'s spec whose module has a weight."""
+    spec = adapter.spec(block)
+    layer = adapter.layers()[block.layer]
+    found = []
+    sides = [(c, True) for c in spec.outputs] + [(c, False) for c in (*spec.inputs, spec.down)]
+    for cut, output in sides:
+        module = get_module(layer, cut.path)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and (weight.dim() >= 2 or output):
+            found.append((module, weight, output, cut.sizes))
+    return found
+
+
+def _per_unit(module: nn.Module, salience: torch.Tensor, output: bool) -> torch.Tensor:
+    """Salience summed over everything but the sliced dimension (output or input units) of ``module``'s weight."""
+    if salience.dim() == 1:  # a norm's weight: one entry per unit
+        return salience
+    if isinstance(module, Conv1D):  # weight stored (in, out)
+        salience = salience.t()
+    if not output:
+        salience = salience.transpose(0, 1)
+    return salience.reshape(salience.shape[0], -1).sum(1)

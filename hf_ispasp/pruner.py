@@ -23,16 +23,19 @@ from .algorithm import (
     BlockStatistics,
     RefitChoice,
     SelectionResult,
+    group_columns,
     refit_projection,
     residual_after_refit,
     select_groups,
     validate_refit,
 )
+from .baselines import mean_compensation
 from .config import PrunerConfig, kept_count
-from .importance import taylor_scores
+from .importance import llm_pruner_scores, taylor_scores
 from .metrics import count_flops, count_parameters
 from .offload import execution_device, has_offload, materialized_copy, offload
 from .record import METADATA_KEY
+from .serialization import ADDED_BIASES_KEY, add_zero_bias
 from .statistics import (
     ActivationCache,
     calibration_batches,
@@ -148,6 +151,7 @@ class ISpaSPPruner:
                 "fit either: call pruner.prune(data, inplace=True), which prunes it layer by layer in place"
             )
         adapter = adapter_for(model)
+        adapter.configure(self.config)  # options that change the groups (e.g. gqa_groups) before any block is read
         _check_overrides(self.config, adapter)
         start = time.perf_counter()
         device = _device(model)
@@ -184,7 +188,7 @@ class ISpaSPPruner:
         report.layer_params_after = count_parameters(list(result_adapter.layers()))
         report.flops_after = count_flops(result, to_device(example, device))
         report.seconds = time.perf_counter() - start
-        _record_metadata(result, result_adapter, self.config)
+        _record_metadata(result, result_adapter, self.config, self._added_biases)
         result.train(was_training)
         self.report = report
         logger.info(
@@ -211,9 +215,12 @@ class ISpaSPPruner:
         batches = calibration_batches(data, config.calibration_batch_size, config.max_calibration_samples, pad)
         t0 = time.perf_counter()
         self._scores: dict[str, torch.Tensor] = {}
-        if config.selection == "taylor":  # scores of the dense model, before any block is compacted
+        self._added_biases: list[str] = []
+        self._paths = paths
+        if config.selection in ("taylor", "llm_pruner"):  # scores of the dense model, before any compaction
             batches = list(batches)
-            self._scores = taylor_scores(model, adapter, batches, device)
+            scorer = taylor_scores if config.selection == "taylor" else llm_pruner_scores
+            self._scores = scorer(model, adapter, batches, device, reduce=self._sum_across_processes)
         self._warned: set[str] = set()
         self._widest = max(((int(adapter.output_weight(b).shape[1]), b.name) for b in adapter.iter_blocks()),
                            default=(0, ""))
@@ -263,12 +270,15 @@ class ISpaSPPruner:
 
     def _reduce(self, stats: BlockStatistics) -> None:
         """Sum statistics across processes (each calibrated on its shard) so every process selects alike."""
+        for tensor in stats.tensors():
+            self._sum_across_processes(tensor)
+
+    def _sum_across_processes(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` by its sum over the processes (nothing to do in a single process)."""
         acc = self.accelerator
         if acc is None or getattr(acc, "num_processes", 1) <= 1:
             return
-        for tensor in stats.tensors():
-            reduced = acc.reduce(tensor.to(acc.device), reduction="sum")
-            tensor.copy_(reduced.to(tensor.device))
+        tensor.copy_(acc.reduce(tensor.to(acc.device), reduction="sum").to(tensor.device))
 
     def _prune_block(
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator
@@ -276,9 +286,15 @@ class ISpaSPPruner:
         config = self.config
         stats = stats.to(dtype=getattr(torch, config.selection_dtype))
         ratio = config.keep_ratio(block.layer, block.kind)
-        keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1)
+        keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1, block.partitions)
         weight = adapter.output_weight(block)
         bias = adapter.output_bias(block)
+        # FLAP compensates the cut through the bias: a bias-free projection is treated as one with a zero bias
+        # (centred statistics for any re-fit), and gets a real one when the block is compacted.
+        compensate = config.selection == "flap"
+        needs_bias = compensate and bias is None
+        if needs_bias:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
         pruning = keep < block.num_groups
         uses_refit = config.refit or (config.threshold == "refit" and config.selection == "ispasp")
         self._warn_small_calibration(block, stats)
@@ -300,11 +316,23 @@ class ISpaSPPruner:
                 refit_rel = after / full if full > 0 else 0.0
                 if choice is None and after > result.residual:  # fixed ridge can, in degenerate cases, do worse
                     fitted, refit_rel, ridge = None, result.relative_residual, None
+        heldout = None if choice is None else (choice.heldout if fitted is not None else choice.plain)
+        if compensate and pruning and fitted is None:
+            # FLAP's baseline bias: W_S kept, the dropped columns' mean output added to the bias (the anchored
+            # re-fit at an infinite ridge, hence reported with ridge inf).
+            mean = stats.total / max(float(stats.count), 1.0)
+            columns = group_columns(result.groups, block.group_size).to(mean.device)
+            fitted = mean_compensation(_like_stats(weight, stats), _like_stats(bias, stats), mean, columns)
+            after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
+            ridge, refit_rel = math.inf, (after / full if full > 0 else 0.0)
+            heldout = None if choice is None else choice.scores.get(math.inf, choice.plain)
         if choice is not None and choice.validated and full > 0:
-            heldout_rel = (choice.heldout if fitted is not None else choice.plain) / full
+            heldout_rel = heldout / full
         if pruning:
             adapter.compact(block, result.groups)
             if fitted is not None:
+                if needs_bias:
+                    self._add_bias(adapter, block)
                 adapter.set_output_projection(block, *fitted)
         logger.debug("%s: kept %d/%d, relative residual %.4g, re-fit ridge %s", block.name, keep, block.num_groups,
                      result.relative_residual, ridge)
@@ -312,6 +340,14 @@ class ISpaSPPruner:
             block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
             result.iterations, [int(g) for g in result.groups], ridge if fitted is not None else None, heldout_rel,
         )
+
+    def _add_bias(self, adapter: ModelAdapter, block: PrunableBlock) -> None:
+        """Give the block's (compacted) bias-free ``down`` a bias and note its path for the width record."""
+        down = adapter.current_down(block)
+        layer = adapter.layers()[block.layer]
+        relative = next(name for name, module in layer.named_modules() if module is down)
+        add_zero_bias(down)
+        self._added_biases.append(f"{self._paths[block.layer]}.{relative}" if relative else self._paths[block.layer])
 
     def _select(
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
@@ -334,6 +370,7 @@ class ISpaSPPruner:
             centered=bias is not None,
             damping=config.refit_damping if damping is None else damping,
             anchored=anchored,
+            partitions=block.partitions,
         )
 
     def _validated_selection(
@@ -416,8 +453,13 @@ def _output_energy(stats: BlockStatistics, weight: torch.Tensor, result: Selecti
     """``sum_b ||W H_b||^2``, the scale of the relative residuals."""
     if result.relative_residual > 0:
         return result.residual / result.relative_residual
-    w = weight.detach().to(device=stats.gram.device, dtype=stats.gram.dtype)
+    w = _like_stats(weight, stats)
     return float((w @ stats.gram * w).sum())
+
+
+def _like_stats(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
+    """A weight or bias on the statistics' device, in their dtype (where selection and re-fit compute)."""
+    return tensor.detach().to(device=stats.gram.device, dtype=stats.gram.dtype)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -506,9 +548,16 @@ def _resume_matches(
     return False
 
 
-def _record_metadata(model: nn.Module, adapter: ModelAdapter, config: PrunerConfig) -> None:
-    """Write the width record (and how it was obtained) into ``model.config`` so ``save_pretrained`` keeps it."""
+def _record_metadata(
+    model: nn.Module, adapter: ModelAdapter, config: PrunerConfig, added_biases: list[str] | None = None
+) -> None:
+    """Write the width record (and how it was obtained) into ``model.config`` so ``save_pretrained`` keeps it.
+
+    ``added_biases``: modules that the prune gave a bias (FLAP's compensation); ``load_pruned`` recreates them.
+    """
     record = {"version": __version__, "widths": adapter.widths(), "pruner_config": config.to_dict()}
+    if added_biases:
+        record[ADDED_BIASES_KEY] = sorted(added_biases)
     target = getattr(model, "config", None)
     if target is not None and hasattr(target, "to_dict"):
         setattr(target, METADATA_KEY, record)

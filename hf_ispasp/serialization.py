@@ -4,6 +4,10 @@ transformers 5 has no ``prune_heads``/``config.pruned_heads``, so ``from_pretrai
 model by itself. ``ISpaSPPruner`` writes ``config.ispasp = {"widths": ..., "pruner_config": ..., "version": ...}``,
 which the ordinary ``save_pretrained`` keeps; :func:`load_pruned` builds the dense skeleton from the config,
 applies the recorded widths through the architecture's adapter and then loads the weights strictly.
+
+A prune may also give a bias-free projection a bias (FLAP's bias compensation on LLaMA's ``o_proj`` /
+``down_proj``); the record lists those modules under ``"added_biases"`` and loading recreates them (zeros) before
+the strict load, which then fills them.
 """
 
 from __future__ import annotations
@@ -26,17 +30,46 @@ from .record import METADATA_KEY
 from .strict_load import CheckpointMismatchError, load_state_dict_checked
 
 __all__ = [
+    "ADDED_BIASES_KEY",
     "CheckpointFolderError",
     "CheckpointMismatchError",
+    "add_zero_bias",
     "atomic_directory",
     "load_pruned",
     "load_state_dict_checked",
     "looks_like_hub_id",
     "register_format",
+    "restore_added_biases",
     "save_pruned",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Entry of the width record listing the modules (dotted paths from the model root) that the prune gave a bias.
+ADDED_BIASES_KEY = "added_biases"
+
+
+def add_zero_bias(module: nn.Module) -> nn.Parameter:
+    """Give a bias-free ``nn.Linear`` / ``nn.Conv*`` a zero bias parameter (same dtype and device) and return it."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or weight is None:
+        raise TypeError(f"cannot add a bias to a {type(module).__name__}: only Linear and Conv layers take one")
+    if module.bias is not None:
+        return module.bias
+    module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                               requires_grad=weight.requires_grad)
+    return module.bias
+
+
+def restore_added_biases(model: nn.Module, record: dict[str, Any]) -> None:
+    """Recreate the biases a prune added (``record["added_biases"]``) on a freshly built skeleton."""
+    for path in record.get(ADDED_BIASES_KEY) or []:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"the pruning record names {path!r} among its added biases, but the model has no such "
+                             "module: the checkpoint's config does not match its pruning metadata") from err
+        add_zero_bias(module)
 
 # Checkpoint formats other than transformers (e.g. timm) register a saver and a loader:
 # (matches(model) -> bool, save(model, folder)) and (detect(folder) -> bool, load(folder, torch_dtype=None) -> model).
@@ -190,6 +223,7 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     with no_init_weights():
         model = getattr(transformers, architectures[0])(config)
     adapter_for(model).apply_widths(record["widths"])
+    restore_added_biases(model, record)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied parameters are stored once; tie first so the strict check knows the aliases
     state: dict[str, torch.Tensor] = {}

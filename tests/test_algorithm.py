@@ -151,3 +151,89 @@ def test_refit_threshold_matches_brute_force(group_size):
     assert ours <= sorted(every)[len(every) // 2]  # greedy, not exhaustive: in the better half
     static = select_groups(stats, w, group_size, keep, proxy="l2", threshold="output")
     assert ours <= refit_residual(static.groups) + 1e-9
+
+
+# Partition constraint (grouped-query attention pruned by query heads: equal kept count per KV head) -------------
+_RULES = [
+    ("random", {}), ("weight_magnitude", {}), ("taylor", {}), ("llm_pruner", {}), ("activation", {}),
+    ("output_energy", {}), ("wanda_sp", {}), ("flap", {}),
+    *[("ispasp", {"proxy": proxy, "threshold": t}) for proxy in ("sum", "l2")
+      for t in ("sum", "l2", "output", "residual", "refit")],
+]
+
+
+def _runs(groups: torch.Tensor, num_groups: int, partitions: int) -> list[int]:
+    return torch.bincount(groups // (num_groups // partitions), minlength=partitions).tolist()
+
+
+def _skewed(width: int = 24, group_size: int = 2, seed: int = 7):
+    """A problem whose unconstrained choice is lopsided: the strong groups all sit in the first run."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(300, width, generator=gen, dtype=torch.float64)
+    h[:, : width // 2] *= 5.0
+    w = torch.randn(6, width, generator=gen, dtype=torch.float64)
+    scores = torch.rand(width // group_size, generator=gen, dtype=torch.float64)
+    scores[: width // group_size // 2] += 10.0
+    return h, w, scores
+
+
+@pytest.mark.parametrize("selection,kwargs", _RULES)
+@pytest.mark.parametrize("partitions", [2, 3])
+def test_partitions_keep_equal_counts_per_run(selection, kwargs, partitions):
+    h, w, scores = _skewed()
+    num_groups, keep = 12, 2 * partitions
+    gen = torch.Generator().manual_seed(0)
+    result = select_groups(_stats(h), w, 2, keep, selection=selection, weight_scores=scores, generator=gen,
+                           partitions=partitions, **kwargs)
+    assert len(result.groups) == keep and len(set(result.groups.tolist())) == keep
+    assert _runs(result.groups, num_groups, partitions) == [keep // partitions] * partitions
+    unconstrained = select_groups(_stats(h), w, 2, keep, selection=selection, weight_scores=scores,
+                                  generator=torch.Generator().manual_seed(0), **kwargs)
+    if selection != "random":  # the test problem is lopsided: without the constraint the first run wins
+        assert _runs(unconstrained.groups, num_groups, partitions) != [keep // partitions] * partitions
+
+
+def _balanced(partitions: int = 2, per_run: int = 2, run_size: int = 6, seed: int = 3):
+    """Planted support with ``per_run`` active units in every run: the unconstrained choice is already balanced."""
+    gen = torch.Generator().manual_seed(seed)
+    width = partitions * run_size
+    h = torch.relu(torch.randn(400, width, generator=gen, dtype=torch.float64)) * 1e-3
+    active = torch.cat([torch.randperm(run_size, generator=gen)[:per_run] + r * run_size for r in range(partitions)])
+    h[:, active] = torch.relu(torch.randn(400, len(active), generator=gen, dtype=torch.float64)) + 0.5
+    w = torch.randn(5, width, generator=gen, dtype=torch.float64)
+    return h, w, torch.sort(active).values
+
+
+@pytest.mark.parametrize("selection,kwargs", [r for r in _RULES if r[0] != "random"])
+def test_partitions_change_nothing_when_the_choice_is_balanced(selection, kwargs):
+    h, w, active = _balanced()
+    scores = torch.full((12,), 0.1, dtype=torch.float64)
+    scores[active] = torch.arange(1.0, 5.0, dtype=torch.float64)
+    stats = _stats(h)
+    free = select_groups(stats, w, 1, 4, selection=selection, weight_scores=scores, **kwargs)
+    assert torch.equal(free.groups, active)  # the test premise: the unconstrained choice is balanced
+    constrained = select_groups(stats, w, 1, 4, selection=selection, weight_scores=scores, partitions=2, **kwargs)
+    assert torch.equal(constrained.groups, free.groups)
+    assert constrained.residual == pytest.approx(free.residual, rel=1e-12, abs=1e-12)
+
+
+def test_partitions_rank_inside_each_run():
+    """Top-k per run: each run keeps its own best groups even when another run's are all stronger."""
+    h, w, _ = _planted(width=8, active=8)
+    scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.4, 0.1, 0.3, 0.2], dtype=torch.float64)
+    kept = select_groups(_stats(h), w, 1, 4, selection="weight_magnitude", weight_scores=scores, partitions=2).groups
+    assert kept.tolist() == [0, 1, 4, 6]
+    gen = torch.Generator().manual_seed(0)
+    draws = {tuple(select_groups(_stats(h), w, 1, 2, selection="random", generator=gen, partitions=2).groups.tolist())
+             for _ in range(30)}
+    assert all(a < 4 <= b for a, b in draws) and len(draws) > 4  # one per run, several different draws
+
+
+@pytest.mark.parametrize(
+    "width,keep,partitions,match",
+    [(12, 4, 5, "does not divide"), (12, 3, 2, "multiple of 2"), (12, 4, 0, "integer >= 1")],
+)
+def test_invalid_partitions_are_clear_errors(width, keep, partitions, match):
+    h, w, _ = _planted(width=width, active=4)
+    with pytest.raises(ValueError, match=match):
+        select_groups(_stats(h), w, 1, keep, partitions=partitions)

@@ -58,3 +58,28 @@ def test_keep_ratio_with_overrides():
 )
 def test_kept_count(groups, ratio, round_to, expected):
     assert kept_count(groups, ratio, round_to) == expected
+
+
+def test_gqa_groups_choice():
+    assert PrunerConfig().gqa_groups == "kv"
+    config = PrunerConfig(gqa_groups="query")
+    assert PrunerConfig.from_dict(config.to_dict()).gqa_groups == "query"
+    with pytest.raises(ValueError, match="gqa_groups='heads'.*'kv', 'query'"):
+        PrunerConfig(gqa_groups="heads")
+
+
+@pytest.mark.parametrize("selection", ["wanda_sp", "flap", "llm_pruner"])
+def test_llm_baselines_are_selections(selection):
+    assert PrunerConfig(selection=selection).selection == selection
+
+
+@pytest.mark.parametrize(
+    "groups,ratio,round_to,partitions,expected",
+    [(8, 0.5, 1, 2, 4), (8, 0.3, 1, 2, 2), (8, 0.01, 1, 4, 4), (32, 0.4, 2, 4, 16), (8, 1.0, 1, 2, 8)],
+)
+def test_kept_count_with_partitions(groups, ratio, round_to, partitions, expected):
+    keep = kept_count(groups, ratio, round_to, partitions)
+    assert keep == expected and keep % partitions == 0
+    assert keep == partitions * kept_count(groups // partitions, ratio, round_to)
+    with pytest.raises(ValueError, match="equal runs"):
+        kept_count(9, 0.5, 1, 2)

@@ -1,0 +1,69 @@
+"""Held-out residuals of the anchored least-squares re-fit for a whole grid of ridges, from one eigendecomposition.
+
+The inner loop of :func:`hf_ispasp.algorithm.validate_refit` (2-fold cross-validation of the re-fit ridge), kept
+apart so the selection module stays small. This module knows nothing of transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Fold", "fold_scores"]
+
+
+@dataclass
+class Fold:
+    """Moments of one half, and its products with the kept columns (shared by both directions of the CV)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    count: float
+    cov_w: torch.Tensor  # C[S, :] W^T  (k x d)
+    cov_ss: torch.Tensor  # C[S, S]
+
+
+def fold_scores(
+    fit: Fold, test: Fold, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, cols: torch.Tensor,
+    ridges: tuple[float, ...], scale: float,
+) -> dict[float, float]:
+    """Residual on ``test`` of the anchored re-fit on ``fit``, for every relative ridge (times ``scale``).
+
+    Same solution as :func:`hf_ispasp.algorithm.refit_projection` (``anchored=True``, relative ridge times
+    ``scale``), through one eigendecomposition: with ``C_SS = U diag(e) U^T``, ``W'^T = U Z``,
+    ``Z = diag(1 / (e + r)) (B + r P)``, ``B = U^T C_S W^T``, ``P = U^T W_S^T``. The re-fitted bias
+    makes the mean error on ``test`` ``D (mean_test - mean_fit)`` with ``D = W - W'`` (zero-padded), so the residual is
+    ``n_test (tr(D C_test D^T) + ||D delta||^2)``, expanded in the kept columns; its terms are quadratic in ``r``
+    with fixed k x k coefficient matrices, so every further ridge costs O(k^2), not O(k^2 d).
+    """
+    delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
+    values, vectors = torch.linalg.eigh(fit.cov_ss)
+    values = values.clamp_min(0)
+    b = vectors.T @ fit.cov_w  # (k x d)
+    p = vectors.T @ w[:, cols].T
+    cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
+    rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
+    total = float((test.cov * gram_w).sum())  # tr(W C_t W^T)
+    # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
+    bp = b @ p.T
+    quad = (rotated * (b @ b.T), rotated * (bp + bp.T), rotated * (p @ p.T))
+    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
+    delta_s = vectors.T @ delta[cols]
+    w_delta = w @ delta
+    unit = float(torch.diagonal(fit.cov).mean().clamp_min(0))
+    out = {}
+    for ridge in ridges:
+        if math.isinf(ridge):  # Z = P
+            spread = total - 2 * float(lin[1].sum()) + float(quad[2].sum())
+            shifted = p.T @ delta_s
+        else:
+            r = ridge * scale * unit + 1e-12
+            d = 1.0 / (values + r)
+            spread = total - 2 * float(d @ (lin[0] + r * lin[1]))
+            spread += float(d @ (quad[0] + r * quad[1] + r * r * quad[2]) @ d)
+            shifted = (b + r * p).T @ (d * delta_s)
+        offset = float((w_delta - shifted).pow(2).sum())
+        out[ridge] = test.count * (max(spread, 0.0) + offset)
+    return out
