@@ -29,7 +29,7 @@ from .adapters.base import ModelAdapter, PrunableBlock
 from .adapters.groups import get_module
 from .surgery import group_rows
 
-__all__ = ["is_causal_lm", "llm_pruner_scores", "taylor_scores"]
+__all__ = ["group_salience", "is_causal_lm", "llm_pruner_scores", "taylor_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +225,10 @@ def llm_pruner_scores(
     gradient = {id(p): g for p, g in zip(params, sums, strict=True)}
     scores = {}
     for block in blocks:
-        total = torch.zeros(block.num_groups, dtype=torch.float64)
-        for module, weight, output, sizes in cuts[block.name]:
-            salience = (weight.detach().to(torch.float32) * gradient[id(weight)]).abs()
-            per_unit = _per_unit(module, salience, output).to(torch.float64).cpu()
-            rows = group_rows(torch.arange(block.num_groups), block.num_groups, sizes)
-            owners = torch.cat([torch.arange(block.num_groups).repeat_interleave(size) for size in sizes])
-            total.index_add_(0, owners, per_unit[rows])
-        scores[block.name] = total
+        scores[block.name] = sum(
+            group_salience(module, gradient[id(weight)], output, block.num_groups, sizes)
+            for module, weight, output, sizes in cuts[block.name]
+        )
     logger.debug("llm_pruner scores from %d batches", seen)
     return scores
 
@@ -249,6 +245,23 @@ def _weighted_cuts(adapter: ModelAdapter, block: PrunableBlock) -> list[tuple[nn
         if isinstance(weight, nn.Parameter) and (weight.dim() >= 2 or output):
             found.append((module, weight, output, cut.sizes))
     return found
+
+
+def group_salience(
+    module: nn.Module, gradient: torch.Tensor, output: bool, count: int, sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """``sum |W * G|`` per group over the units of ``module`` that go with it (float64, on the CPU).
+
+    ``output``: the groups own output units (rows of a Linear's weight), else input units (columns); ``sizes`` is
+    the row map of the sliced dimension (see :mod:`hf_ispasp.adapters.groups`), ``count`` the number of groups.
+    Units past the grouped segments (shared by every group, e.g. Phi-3's key/value rows under query groups) count
+    for none.
+    """
+    salience = (module.weight.detach().to(torch.float32) * gradient.to(torch.float32)).abs()
+    per_unit = _per_unit(module, salience, output).to(torch.float64).cpu()
+    rows = group_rows(torch.arange(count), count, sizes)
+    owners = torch.cat([torch.arange(count).repeat_interleave(size) for size in sizes])
+    return torch.zeros(count, dtype=torch.float64).index_add_(0, owners, per_unit[rows])
 
 
 def _per_unit(module: nn.Module, salience: torch.Tensor, output: bool) -> torch.Tensor:

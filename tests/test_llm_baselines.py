@@ -9,7 +9,7 @@ from conftest import tiny_text_model, token_batches
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, supported_model_types
 from hf_ispasp.algorithm import BlockStatistics, group_columns, select_groups
 from hf_ispasp.baselines import flap_scores, mean_compensation, wanda_sp_scores
-from hf_ispasp.importance import is_causal_lm, llm_pruner_scores, taylor_scores
+from hf_ispasp.importance import group_salience, is_causal_lm, llm_pruner_scores, taylor_scores
 from hf_ispasp.serialization import load_pruned, save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +71,26 @@ def test_flap_mean_compensation_by_hand():
 
 
 # llm_pruner: |W * dL/dW| summed over the group's weights ------------------------------------------------------------
+def test_group_salience_by_hand():
+    linear = torch.nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]))
+    grad = torch.tensor([[1.0, -1.0], [0.0, 1.0], [2.0, 0.0], [-1.0, -1.0]])
+    # |W * G| = [[1, 2], [0, 4], [10, 0], [7, 8]]: row sums 3, 4, 10, 15; column sums 18, 14.
+    expect = {
+        (True, (2,)): [7.0, 25.0],  # two heads of two rows
+        (True, (1, 1)): [13.0, 19.0],  # fused [gate | up]: rows 0, 2 are group 0's
+        (True, (1,)): [3.0, 4.0, 10.0, 15.0],  # one row per neuron
+        (False, (1,)): [18.0, 14.0],  # input side: one column per group
+    }
+    for (output, sizes), expected in expect.items():
+        count = (4 if output else 2) // sum(sizes)
+        torch.testing.assert_close(group_salience(linear, grad, output, count, sizes),
+                                   torch.tensor(expected, dtype=torch.float64))
+    # Units past the grouped segments (Cut.whole) count for no group: four rows, one group of two.
+    torch.testing.assert_close(group_salience(linear, grad, True, 1, (2,)), torch.tensor([7.0], dtype=torch.float64))
+
+
 def _manual_llm_pruner(model, batches, layer: int = 0) -> dict[str, torch.Tensor]:
     """The scores by hand for a BERT layer: backward of the summed loss, then the group's rows and columns."""
     model.zero_grad(set_to_none=True)
@@ -190,7 +210,7 @@ def test_causal_lm_detection():
 
 
 # Tiny LLaMA (GQA: 4 query heads over 2 KV heads) ------------------------------------------------------------------
-needs_llama = pytest.mark.skipif("llama" not in supported_model_types(), reason="no decoder adapter registered")
+needs_decoders = pytest.mark.skipif("llama" not in supported_model_types(), reason="no decoder adapter registered")
 
 
 def _llama():
@@ -211,7 +231,7 @@ def _prune_llama(selection: str, **kwargs):
     return model, pruner.prune(token_batches()), pruner
 
 
-@needs_llama
+@needs_decoders
 @pytest.mark.parametrize("selection", [*NEW_RULES, "taylor", "ispasp"])
 @pytest.mark.parametrize("gqa_groups", ["kv", "query"])
 def test_llama_prunes_to_the_budget(selection, gqa_groups):
@@ -232,7 +252,7 @@ def test_llama_prunes_to_the_budget(selection, gqa_groups):
         assert torch.isfinite(pruned(**batch).logits).all()
 
 
-@needs_llama
+@needs_decoders
 def test_llama_flap_adds_biases_that_survive_save_and_load(tmp_path):
     model, pruned, pruner = _prune_llama("flap")
     assert model.model.layers[0].self_attn.o_proj.bias is None  # the caller's model is untouched
@@ -254,7 +274,7 @@ def test_llama_flap_adds_biases_that_survive_save_and_load(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, pruned(**batch).logits)
 
 
-@needs_llama
+@needs_decoders
 @pytest.mark.parametrize("scorer", [taylor_scores, llm_pruner_scores])
 def test_causal_lm_labels_default_to_the_inputs(scorer):
     model = _llama()
@@ -267,3 +287,55 @@ def test_causal_lm_labels_default_to_the_inputs(scorer):
     for name in implicit:
         torch.testing.assert_close(implicit[name], labelled[name])
         assert float(implicit[name].sum()) > 0
+
+
+@needs_decoders
+def test_llm_pruner_reads_conv1d_weights_the_right_way_round():
+    """GPT-2 stores Conv1D weights as (in, out): the FFN's c_fc loses columns, its c_proj rows."""
+    from conftest import tiny_decoder_model
+
+    model = tiny_decoder_model("gpt2")
+    batches = token_batches(num=8)
+    scores = llm_pruner_scores(model, adapter_for(model), batches, torch.device("cpu"))
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        (model(**batch, labels=labels).loss * float((labels[:, 1:] != -100).sum())).backward()
+    mlp = model.transformer.h[0].mlp
+    up, down = ((m.weight * m.weight.grad).abs().detach().double() for m in (mlp.c_fc, mlp.c_proj))
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(scores["layer.0.ffn"], up.sum(0) + down.sum(1), rtol=1e-4, atol=1e-9)
+
+
+@needs_decoders
+@pytest.mark.parametrize("selection", NEW_RULES)
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+def test_every_decoder_prunes_with_query_groups(model_type, selection):
+    """Query-head groups (3 KV heads x 2 queries; GPT-2: 6 heads) on every decoder, for every new rule."""
+    from conftest import tiny_decoder_model
+
+    model = tiny_decoder_model(model_type)
+    config = PrunerConfig(selection=selection, refit=False, head_keep_ratio=0.5, gqa_groups="query", **QUIET)
+    pruner = ISpaSPPruner(model, config)
+    pruned = pruner.prune(token_batches())
+    heads = [b for b in pruner.report.blocks if b.kind == "heads"]
+    assert all(b.groups_after == 3 for b in heads)
+    if model_type != "gpt2":  # one query head kept in each KV group
+        assert all([g // 2 for g in b.kept] == [0, 1, 2] for b in heads)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**token_batches()[0]).logits).all()
+
+
+@needs_decoders
+def test_phi3_flap_with_query_groups_round_trips(tmp_path):
+    """Fused qkv_proj (keys and values whole), added o_proj / down_proj biases, save and reload."""
+    from conftest import tiny_decoder_model
+
+    config = PrunerConfig(selection="flap", refit=False, head_keep_ratio=0.5, gqa_groups="query", **QUIET)
+    pruned = ISpaSPPruner(tiny_decoder_model("phi3"), config).prune(token_batches())
+    assert len(pruned.config.ispasp["added_biases"]) == 4
+    save_pruned(pruned, tmp_path / "phi3")
+    loaded = load_pruned(tmp_path / "phi3")
+    batch = token_batches()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, pruned(**batch).logits)
