@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from .adapters import adapter_for
 from .config import PrunerConfig, kept_count
+from .importance import is_causal_lm
 from .pruner import ISpaSPPruner, PruningReport
 from .record import METADATA_KEY
 
@@ -32,6 +33,7 @@ __all__ = [
     "DistillationArguments",
     "DistillationTrainer",
     "distillation_loss",
+    "distillation_mask",
     "hidden_state_loss",
     "iterative_prune",
     "pruning_model_card",
@@ -85,6 +87,37 @@ def _token_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return tensor.reshape(-1, tensor.shape[-1])
 
 
+def distillation_mask(
+    logits: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+    shifted: bool = False,
+) -> torch.Tensor | None:
+    """Positions of per-token logits the logit KL should count: real tokens that the task loss scores too.
+
+    Padding (``attention_mask == 0``) never counts. With per-token ``labels``, a position counts only where its
+    target is not ``-100``; a causal LM's logits at ``t`` predict ``labels[t + 1]`` (``shifted``), so its last
+    position and the positions before masked targets (prompt tokens, padding, an ``eos`` used as padding) drop
+    out, as they do from the model's own loss. The KL and the LM loss then average over the same tokens.
+
+    Args:
+        logits: ``(batch, seq, vocab)`` (other shapes: no mask, ``None`` is returned).
+        attention_mask: ``(batch, seq)``.
+        labels: ``(batch, seq)`` targets with ``-100`` where nothing is predicted.
+        shifted: The model's loss shifts the labels (a causal LM).
+    """
+    if logits.dim() != 3:
+        return None
+    positions = logits.shape[:2]
+    mask = None
+    if attention_mask is not None and tuple(attention_mask.shape) == tuple(positions):
+        mask = attention_mask.to(logits.device).bool()
+    if labels is not None and tuple(labels.shape) == tuple(positions) and not labels.is_floating_point():
+        targets = labels.to(logits.device) != -100
+        if shifted:
+            targets = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)
+        mask = targets if mask is None else mask & targets
+    return mask
+
+
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
     attention_mask: torch.Tensor | None = None,
@@ -95,12 +128,15 @@ def distillation_loss(
         student_logits: ``(batch, classes)`` or ``(batch, seq, vocab)``.
         teacher_logits: Same shape as ``student_logits``.
         temperature: Softmax temperature.
-        attention_mask: Drops padding positions of per-token logits.
+        attention_mask: Drops padding positions of per-token logits (any ``(batch, seq)`` token mask works, e.g.
+            :func:`distillation_mask`'s).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
     student = _token_rows(student_logits, attention_mask).float() / temperature
     teacher = _token_rows(teacher_logits, attention_mask).float() / temperature
+    if student.shape[0] == 0:  # no position counts (every target masked): nothing to distil, keep the graph
+        return student_logits.sum() * 0.0
     kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
     return kl * temperature**2
 
@@ -137,6 +173,11 @@ class DistillationTrainer(Trainer):
     frozen (run under ``no_grad``), kept in eval mode on the training device, never wrapped for distribution
     and never saved. With ``distill_weight == hidden_weight == 0`` (or no teacher) this is exactly ``Trainer``.
 
+    Causal LMs: the task loss is the model's own next-token loss on ``labels`` (``-100`` ignored, e.g. from
+    ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``); the logit KL is token-level over the positions that
+    loss scores (:func:`distillation_mask`), so padding and masked targets never count. The teacher runs without
+    a KV cache.
+
     Args:
         model: The (pruned) student.
         args: The usual ``TrainingArguments``.
@@ -160,6 +201,9 @@ class DistillationTrainer(Trainer):
             # Our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps.
             self.loss_is_scaled_for_ga = False
         self._parts: dict[str, list[float]] = {}
+        # A causal LM's logits at t predict labels[t + 1]: the KL mask follows the shift of the model's own loss.
+        self._student_causal = is_causal_lm(self.accelerator.unwrap_model(self.model))
+        self._teacher_causal = self.teacher is not None and is_causal_lm(self.teacher)
 
     @property
     def distilling(self) -> bool:
@@ -182,6 +226,8 @@ class DistillationTrainer(Trainer):
         teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label")}
         if want_hidden:
             teacher_inputs["output_hidden_states"] = True
+        if self._teacher_causal:
+            teacher_inputs["use_cache"] = False  # a frozen teacher's KV cache would only hold memory
         with torch.no_grad():
             teacher_out = self.teacher(**teacher_inputs)
         mask = inputs.get("attention_mask")
@@ -190,7 +236,8 @@ class DistillationTrainer(Trainer):
             loss = loss + (1.0 - config.distill_weight) * task
             self._parts.setdefault("loss_task", []).append(float(task.detach()))
         if config.distill_weight > 0:
-            kd = distillation_loss(outputs["logits"], teacher_out["logits"], config.temperature, mask)
+            kd_mask = distillation_mask(outputs["logits"], mask, inputs.get("labels"), self._student_causal)
+            kd = distillation_loss(outputs["logits"], teacher_out["logits"], config.temperature, kd_mask)
             loss = loss + config.distill_weight * kd
             self._parts.setdefault("loss_kd", []).append(float(kd.detach()))
         if want_hidden:
@@ -210,21 +257,31 @@ class DistillationTrainer(Trainer):
 # Iterative schedule ---------------------------------------------------------------------------------------
 
 
-def _block_counts(model: nn.Module) -> dict[tuple[int, str], int]:
-    """Current group count per (layer, kind); one width per kind and layer is what per-layer ratios can express."""
+def _block_counts(
+    model: nn.Module, config: PrunerConfig | None = None
+) -> tuple[dict[tuple[int, str], int], dict[tuple[int, str], int]]:
+    """Group count and partition count per (layer, kind), as the pruner with ``config`` will see the blocks.
+
+    One width per kind and layer is what per-layer ratios can express. The adapter is configured first: under
+    ``gqa_groups="query"`` a decoder's head groups are query heads in one partition per key/value head.
+    """
     adapter = adapter_for(model)
+    if config is not None:
+        adapter.configure(config)
     counts: dict[tuple[int, str], int] = {}
+    partitions: dict[tuple[int, str], int] = {}
     for block in adapter.iter_blocks():
         key = (block.layer, block.kind)
         if counts.setdefault(key, block.num_groups) != block.num_groups:
             raise ValueError(f"layer {block.layer} has several '{block.kind}' blocks of different widths; the "
                              "iterative schedule needs one width per kind and layer")
-    return counts
+        partitions[key] = block.partitions
+    return counts, partitions
 
 
 def schedule_overrides(
     original: dict[tuple[int, str], int], current: dict[tuple[int, str], int], config: PrunerConfig,
-    fraction: float,
+    fraction: float, partitions: dict[tuple[int, str], int] | None = None,
 ) -> dict[int, dict[str, float]]:
     """Per-layer keep ratios, relative to the *current* widths, that reach a fraction of the way to the budget.
 
@@ -236,12 +293,16 @@ def schedule_overrides(
         current: Group counts of the model about to be pruned.
         config: The final budget (ratios relative to the original model, overrides included).
         fraction: How far along the schedule this step is.
+        partitions: Equal runs per (layer, kind) that keep equally many groups (query heads per key/value head
+            under ``gqa_groups="query"``; the count does not change while pruning). Default: 1.
     """
     overrides: dict[int, dict[str, float]] = {}
     for (layer, kind), groups in original.items():
         final = config.keep_ratio(layer, kind)
         ratio = 1.0 - (1.0 - final) * fraction
-        target = kept_count(groups, ratio, config.round_to if kind == "ffn" else 1)
+        runs = (partitions or {}).get((layer, kind), 1)
+        # A multiple of the runs: the pruner's kept_count(now, target / now, ..., runs) gives back exactly target.
+        target = kept_count(groups, ratio, config.round_to if kind == "ffn" else 1, runs)
         now = current[(layer, kind)]
         if target > now:
             raise ValueError(f"layer {layer} {kind}: the model already has {now} groups, fewer than the target "
@@ -299,10 +360,11 @@ def iterative_prune(
     distillation = distillation or DistillationArguments(distill_weight=0.0)
     if teacher_model is None and distillation.active:
         teacher_model = model
-    original = _block_counts(model)
+    original, partitions = _block_counts(model, config)
     current_model, reports = model, []
     for step in range(1, num_steps + 1):
-        overrides = schedule_overrides(original, _block_counts(current_model), config, step / num_steps)
+        overrides = schedule_overrides(original, _block_counts(current_model, config)[0], config, step / num_steps,
+                                       partitions)
         step_config = dataclasses.replace(config, ffn_keep_ratio=1.0, head_keep_ratio=1.0, layer_overrides=overrides)
         pruner = ISpaSPPruner(current_model, step_config, accelerator=accelerator)
         current_model = pruner.prune(calibration_data)

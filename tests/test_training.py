@@ -1,4 +1,5 @@
-"""DistillationTrainer, the iterative schedule and the model card, on a tiny random BERT with max_steps of a few."""
+"""DistillationTrainer, the iterative schedule and the model card, on a tiny random BERT and a tiny random LLaMA
+with max_steps of a few."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import tiny_decoder_model, token_batches
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
 from hf_ispasp.training import (
@@ -18,6 +20,8 @@ from hf_ispasp.training import (
     pruning_model_card,
     schedule_overrides,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core machine stalls 2 threads
 
 VOCAB, LENGTH = 97, 12
 
@@ -232,3 +236,109 @@ def test_iterative_distillation_defaults_to_the_dense_teacher(tmp_path, monkeypa
     iterative_prune(dense, config, _calibration(), _args(tmp_path, max_steps=1), num_steps=2,
                     train_dataset=_dataset(), distillation=DistillationArguments(distill_weight=0.5))
     assert seen == [dense]
+
+
+# Causal LMs -----------------------------------------------------------------------------------------------
+
+
+def _lm_rows(n: int = 32, seed: int = 0, pad_fill: int | None = None):
+    """Right-padded fixed-width rows with next-token labels (``-100`` under padding), as a ``Dataset``."""
+    import datasets
+
+    rows = []
+    for b in token_batches(num=n, batch_size=8, seed=seed, pad_to=14, pad_fill=pad_fill):
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        rows += [{"input_ids": i, "attention_mask": m, "labels": lab}
+                 for i, m, lab in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), labels.tolist(),
+                                      strict=True)]
+    return datasets.Dataset.from_list(rows)
+
+
+def _lm_teacher():
+    """A tiny random LLaMA with a sharpened head: confident next-token distributions worth distilling."""
+    model = tiny_decoder_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def _lm_student(teacher, config: PrunerConfig | None = None):
+    config = config or PrunerConfig(ffn_keep_ratio=0.5, head_keep_ratio=0.67, show_progress=False)
+    calibration = _lm_rows(16, seed=5).remove_columns(["labels"])
+    return ISpaSPPruner(teacher, config).prune(calibration)
+
+
+def _token_kl(student, teacher, batch, temperature: float = 2.0) -> torch.Tensor:
+    """Hand-written reference: mean KL over positions ``t`` whose target ``labels[t + 1]`` is real."""
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    keep = batch["labels"][:, 1:] != -100
+    s, t = (s[keep] / temperature).log_softmax(-1), (t[keep] / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def test_causal_lm_kl_counts_exactly_the_tokens_the_lm_loss_scores(tmp_path):
+    teacher = _lm_teacher()
+    student = _lm_student(teacher).train()
+    batch = _batch(_lm_rows())
+    assert bool((batch["attention_mask"] == 0).any())  # padding present
+    batch["labels"][0, 3] = -100  # a masked real target (e.g. a prompt token) counts in neither loss
+    kd_only = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher,
+                                  distillation=DistillationArguments(distill_weight=1.0))
+    kd = kd_only.compute_loss(student, dict(batch))
+    torch.testing.assert_close(kd.detach(), _token_kl(student, teacher, batch), rtol=1e-4, atol=1e-6)
+    # Garbage ids under the padding change neither the KL nor the LM loss (the model's own, on the labels).
+    garbage = dict(batch)
+    garbage["input_ids"] = torch.where(batch["attention_mask"] == 0, 7, batch["input_ids"])
+    torch.testing.assert_close(kd_only.compute_loss(student, garbage).detach(), kd.detach())
+    mixed = DistillationTrainer(model=student, args=_args(tmp_path), teacher_model=teacher,
+                                distillation=DistillationArguments(distill_weight=0.25))
+    with torch.no_grad():
+        task = student(**batch).loss
+    torch.testing.assert_close(mixed.compute_loss(student, dict(batch)).detach(), 0.75 * task + 0.25 * kd.detach(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_causal_lm_distillation_lowers_the_kl_to_the_teacher(tmp_path):
+    teacher = _lm_teacher()
+    student = _lm_student(teacher)
+    data = _lm_rows()
+    probe = _batch(_lm_rows(8, seed=9))  # held-out rows
+    before = float(_token_kl(student.eval(), teacher, probe))
+    assert before > 0.05
+    # A sharpened head amplifies every weight change: a small learning rate, as for real LLMs.
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, max_steps=8, learning_rate=3e-4),
+                                  train_dataset=data, teacher_model=teacher,
+                                  distillation=DistillationArguments(distill_weight=1.0))
+    trainer.train()
+    after = float(_token_kl(student.eval(), teacher, probe))
+    assert after < 0.8 * before
+    logged = [h for h in trainer.state.log_history if "loss_kd" in h]
+    assert len(logged) == 8 and "loss_task" in logged[0]  # the LM loss is logged although its weight is 0
+    # Two epochs over the same 4 batches: the second pass has the lower KL.
+    first, second = (sum(h["loss_kd"] for h in part) for part in (logged[:4], logged[4:]))
+    assert second < first
+
+
+@pytest.mark.parametrize("gqa_groups", ["kv", "query"])
+def test_iterative_prune_reaches_the_budget_on_a_causal_lm(tmp_path, gqa_groups):
+    config = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.34, gqa_groups=gqa_groups, show_progress=False)
+    dense = tiny_decoder_model("llama")
+    calibration = _lm_rows(16, seed=5).remove_columns(["labels"])
+    one_shot = ISpaSPPruner(dense, config).prune(calibration)
+    pruned, reports = iterative_prune(
+        dense, config, calibration, _args(tmp_path, max_steps=2), num_steps=2, train_dataset=_lm_rows(),
+        distillation=DistillationArguments(distill_weight=0.5),
+    )
+    widths = pruned.config.ispasp["widths"]
+    assert widths == one_shot.config.ispasp["widths"]
+    assert widths["ffn"] == [11, 11]  # round(0.3 * 37)
+    # kv: 1 of 3 KV heads with both query heads; query: all 3 KV heads with 1 of their 2 query heads.
+    assert (widths["heads"], widths["q_per_kv"]) == (([1, 1], [2, 2]) if gqa_groups == "kv" else ([3, 3], [1, 1]))
+    assert [r.params_after for r in reports] == sorted((r.params_after for r in reports), reverse=True)
+    assert reports[0].params_after > reports[1].params_after
+    assert dense.model.layers[0].mlp.down_proj.in_features == 37  # the dense model is untouched
+    with torch.no_grad():
+        out = pruned.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
