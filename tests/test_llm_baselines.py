@@ -339,3 +339,17 @@ def test_phi3_flap_with_query_groups_round_trips(tmp_path):
     batch = token_batches()[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, pruned(**batch).logits)
+
+
+@needs_decoders
+def test_llama_flap_with_refit_adds_the_refitted_bias():
+    """With a re-fit installed, the re-fit (centred, so with a bias) replaces the compensation; the bias is added."""
+    model = _llama()
+    config = PrunerConfig(selection="flap", refit=True, refit_validation=False, ffn_keep_ratio=0.5,
+                          head_keep_ratio=0.5, **QUIET)
+    pruner = ISpaSPPruner(model, config)
+    pruned = pruner.prune(token_batches())
+    assert len(pruned.config.ispasp["added_biases"]) == 4
+    assert all(b.refit_ridge == pytest.approx(1e-4) for b in pruner.report.blocks)
+    assert all(b.relative_residual_refit < b.relative_residual for b in pruner.report.blocks)
+    assert float(pruned.model.layers[0].mlp.down_proj.bias.detach().abs().sum()) > 0
