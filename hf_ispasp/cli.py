@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import PrunerConfig
+from .config import GQA_GROUPS, PrunerConfig
 
 logger = logging.getLogger("hf_ispasp")
 
@@ -194,18 +194,43 @@ def _load_text(args: argparse.Namespace) -> Any:
     return raw
 
 
+def _lm_calibration(raw: Any, tokenizer: Any, model: Any, args: argparse.Namespace) -> Any:
+    """Fixed-length chunks of the concatenated text, no labels and no padding: how causal LMs are calibrated."""
+    from .language_modeling import calibration_chunks, chunk_text, default_block_size
+
+    block_size = args.block_size or default_block_size(model, tokenizer)
+    try:
+        chunks = chunk_text(raw, tokenizer, block_size, text_column=args.text_column)
+    except ValueError as err:
+        raise UsageError(f"--data {args.data}: {_one_line(err).replace('block_size=', '--block-size ')}") from err
+    subset = calibration_chunks(chunks, args.calibration_samples, seed=args.seed)
+    logger.info("causal LM: calibrating on %d chunks of %d tokens", len(subset), block_size)
+    return subset
+
+
 def run_prune(args: argparse.Namespace) -> dict[str, Any]:
-    """Prune any supported checkpoint on a tokenized text file or dataset and save it."""
+    """Prune any supported checkpoint on a tokenized text file or dataset and save it.
+
+    A sequence classifier (or encoder) calibrates on the texts one by one, padded per batch; a causal LM
+    (``...ForCausalLM`` / ``...LMHeadModel``) on fixed-length chunks of the concatenated texts (``--block-size``).
+    """
     from . import ISpaSPPruner, save_pruned
     from .classification import calibration_loader, tokenize_dataset
+    from .importance import is_causal_lm
 
     config = _pruner_config(args)
     _check_output_dir(args.output_dir, args.overwrite)
+    if args.block_size is not None and args.block_size < 2:
+        raise UsageError(f"--block-size {args.block_size} must be >= 2 (a chunk holds at least one prediction)")
     tokenizer, model = _load_checkpoint(args.model)
     raw = _load_text(args)
-    tokenized = tokenize_dataset(raw, tokenizer, text_column=args.text_column)
+    if is_causal_lm(model):
+        calibration = _lm_calibration(raw, tokenizer, model, args)
+    else:
+        tokenized = tokenize_dataset(raw, tokenizer, text_column=args.text_column)
+        calibration = calibration_loader(tokenized, tokenizer, num_samples=args.calibration_samples)
     pruner = ISpaSPPruner(model, config)
-    pruned = pruner.prune(calibration_loader(tokenized, tokenizer, num_samples=args.calibration_samples))
+    pruned = pruner.prune(calibration)
     save_pruned(pruned, args.output_dir, tokenizer=tokenizer)
     print(pruner.report.to_markdown())
     print(f"{type(pruned).__name__}: parameters {pruner.report.params_before} -> {pruner.report.params_after}; "
@@ -214,8 +239,11 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pruner_config(args: argparse.Namespace) -> PrunerConfig:
+    settings: dict[str, Any] = {"ffn_keep_ratio": args.ffn_keep, "head_keep_ratio": args.head_keep, "seed": args.seed}
+    if getattr(args, "gqa_groups", None) is not None:
+        settings["gqa_groups"] = args.gqa_groups
     try:
-        return PrunerConfig(ffn_keep_ratio=args.ffn_keep, head_keep_ratio=args.head_keep, seed=args.seed)
+        return PrunerConfig(**settings)
     except ValueError as err:
         raise UsageError(str(err).replace("ffn_keep_ratio=", "--ffn-keep ").replace("head_keep_ratio=",
                                                                                     "--head-keep ")) from err
@@ -251,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--data", required=True, help="a datasets name, or a local .csv/.json/.txt file")
     prune.add_argument("--split", default="train")
     prune.add_argument("--text-column", default="text")
+    prune.add_argument("--block-size", type=int, default=None,
+                       help="causal LMs: tokens per calibration chunk (default: min(1024, the model's maximum "
+                            "length))")
+    prune.add_argument("--gqa-groups", choices=GQA_GROUPS, default=None,
+                       help="grouped-query attention: prune whole KV heads (kv, default) or query heads (query)")
     prune.add_argument("--output-dir", required=True)
     for p in (demo, prune):
         p.add_argument("--overwrite", action="store_true",

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny_classifier
+from lm_fixtures import polarity_sentences, save_tiny_causal_lm
 
 from hf_ispasp import load_pruned
 from hf_ispasp.cli import main
@@ -122,3 +124,43 @@ def test_user_errors_are_one_line_with_exit_code_2(setup, tmp_path, capsys, case
         assert "--text-column" in line and "sentence" in line
     if case != "output_is_file":
         assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory) -> Path:
+    """A random 2-layer LLaMA whose tokenizer has no pad token (as LLaMA's), and a text file of real sentences."""
+    root = tmp_path_factory.mktemp("cli_lm")
+    sentences = polarity_sentences(120)
+    save_tiny_causal_lm(root / "model", sentences, pad_token=False)
+    (root / "text.txt").write_text("\n\n".join(sentences) + "\n", encoding="utf-8")  # blank lines are skipped
+    (root / "short.txt").write_text("one short line\n", encoding="utf-8")
+    return root
+
+
+def test_prune_causal_lm_calibrates_on_text_chunks(lm_setup, tmp_path):
+    out, report = tmp_path / "pruned", tmp_path / "report.json"
+    code = main(["prune", "--model", str(lm_setup / "model"), "--data", str(lm_setup / "text.txt"), "--output-dir",
+                 str(out), "--calibration-samples", "12", "--block-size", "16", "--head-keep", "0.5",
+                 "--gqa-groups", "query", "--json", str(report)])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    # 12 chunks of exactly 16 tokens: concatenated text, no padding (the tokenizer has no pad token).
+    assert json.loads(report.read_text())["calibration_tokens"] == 12 * 16
+    model = load_pruned(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    widths = model.config.ispasp["widths"]
+    assert widths["ffn"] == [18, 18] and widths["heads"] == [2, 2] and widths["q_per_kv"] == [1, 1]  # query groups
+    assert model.config.ispasp["pruner_config"]["gqa_groups"] == "query"
+    assert (out / "tokenizer_config.json").exists()
+    with torch.no_grad():
+        assert model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+def test_prune_causal_lm_with_too_little_text_is_a_user_error(lm_setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", "--model", str(lm_setup / "model"), "--data", str(lm_setup / "short.txt"), "--output-dir",
+                 str(out), "--block-size", "16"])
+    assert code == 2
+    line = _error(capsys)
+    assert line.startswith("hf-ispasp prune: error:") and "fewer than one chunk" in line and "--block-size" in line
+    assert not out.exists()
