@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Any
 
 import torch
 from accelerate import cpu_offload
@@ -41,8 +42,11 @@ def execution_device(module: nn.Module, default: torch.device) -> torch.device:
     return default
 
 
-def materialized_copy(module: nn.Module, device: torch.device) -> nn.Module:
-    """A hook-free copy of ``module`` with every weight loaded onto ``device`` (the original is left as it was)."""
+def materialized_copy(module: nn.Module, device: torch.device, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A hook-free copy of ``module`` with every weight loaded onto ``device`` (the original is left as it was).
+
+    ``memo`` (as for ``copy.deepcopy``) names objects the copy shares instead of copying, e.g. the model config.
+    """
     with contextlib.ExitStack() as stack:
         for sub in module.modules():
             if has_offloaded_params(sub):
@@ -53,7 +57,7 @@ def materialized_copy(module: nn.Module, device: torch.device) -> nn.Module:
             if found:
                 stashed[sub] = found
         try:
-            clone = copy.deepcopy(module)
+            clone = copy.deepcopy(module, dict(memo or {}))
         finally:
             for sub, found in stashed.items():
                 sub.__dict__.update(found)

@@ -176,6 +176,7 @@ class ISpaSPPruner:
                 result, restore = model, False
             else:  # the rest of the model is copied; the pruned layers are taken as they are
                 result = copy.deepcopy(model, {id(layer): layer for layer in swapped.values()})
+                _share_config(list(swapped.values()), getattr(model, "config", None), getattr(result, "config", None))
         finally:
             cache.close()
             if restore:
@@ -239,7 +240,10 @@ class ISpaSPPruner:
                 offloaded = has_offload(original)
                 layer_device = execution_device(original, device)
                 # One dense layer at a time, never the whole model; an offloaded layer's weights are loaded first.
-                layer = materialized_copy(original, layer_device) if offloaded else copy.deepcopy(original)
+                # The copy keeps reading the model's config (e.g. its attention implementation), not a frozen copy.
+                shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
+                layer = (materialized_copy(original, layer_device, shared) if offloaded
+                         else copy.deepcopy(original, shared))
                 model.set_submodule(paths[index], layer)
                 swapped[index] = layer
                 blocks = adapter.blocks(index)
@@ -546,6 +550,19 @@ def _resume_matches(
         "is run whole for propagation instead (correct, but slower).", type(adapter).__name__,
     )
     return False
+
+
+def _share_config(modules: list[nn.Module], old: Any, new: Any) -> None:
+    """Point the pruned layers of a returned copy at the copy's config instead of the caller's model's."""
+    if old is None or new is None or old is new:
+        return
+    for root in modules:
+        for module in root.modules():
+            config = getattr(module, "config", None)
+            if config is old:
+                module.config = new
+            elif getattr(config, "__dict__", {}).get("_config") is old:  # a per-layer view (Phi-3 head counts)
+                config.__dict__["_config"] = new
 
 
 def _record_metadata(

@@ -42,6 +42,7 @@ from conftest import tiny_factories, token_batches
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hf_ispasp import adapter_for, supported_model_types
 from hf_ispasp.adapters.base import ModelAdapter, PrunableBlock
@@ -181,6 +182,7 @@ _RECORD_BLOCKS = {  # record format -> per layer, the recorded width of each blo
     "hf_ispasp.encoder/1": lambda r, i: [r["heads"][i], r["ffn"][i]],
     "hf_ispasp.timm_vit/1": lambda r, i: [r["heads"][i], r["ffn"][i]],
     "hf_ispasp.timm_cnn/1": lambda r, i: list(r["layers"][i]),
+    "hf_ispasp.decoder/1": lambda r, i: [r["heads"][i], r["ffn"][i]],
 }
 
 
@@ -188,6 +190,8 @@ def _down_width(down: nn.Module, block: PrunableBlock) -> int:
     """Input width of the projection, in columns of H (im2col: channels * k * k)."""
     if isinstance(down, nn.Linear):
         return down.in_features
+    if isinstance(down, Conv1D):  # GPT-2: weights stored (in, out)
+        return down.weight.shape[0]
     return down.in_channels * down.kernel_size[0] * down.kernel_size[1] if block.group_size > 1 else down.in_channels
 
 

@@ -156,6 +156,18 @@ def test_phi3_layers_read_their_own_head_counts():
     layer_config = pruned.model.layers[0].self_attn.config
     assert layer_config.num_key_value_heads == 1 and layer_config.num_attention_heads == 2
     assert pruned.config.num_attention_heads == 6  # the model config is not touched
+    pruned.config._attn_implementation = "eager"  # the layers read the live config of the returned model
+    assert layer_config._attn_implementation == "eager"
+    assert model.config._attn_implementation != "eager"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pruned_layers_share_the_models_config(inplace):
+    model = tiny_decoder_model("llama")
+    pruned = ISpaSPPruner(model, CONFIG).prune(token_batches(num=8), inplace=inplace)
+    assert all(layer.self_attn.config is pruned.config for layer in pruned.model.layers)
+    if not inplace:
+        assert all(layer.self_attn.config is model.config for layer in model.model.layers)
     with torch.no_grad():
         assert torch.isfinite(_outputs(pruned, token_batches(num=4)[0])).all()
 

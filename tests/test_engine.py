@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_factories, tiny_text_model, token_batches
+from conftest import DECODER_CONFIGS, TEXT_CONFIGS, tiny_factories, tiny_text_model, token_batches
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for
 from hf_ispasp.adapters.base import ModelAdapter
@@ -38,8 +38,7 @@ def _image_batches(model, num=3, size=4, seed=0):
 
 
 def _calibration(key, model):
-    return token_batches() if key in ("bert", "roberta", "xlm-roberta", "electra", "distilbert") else (
-        _image_batches(model))
+    return token_batches() if key in {*TEXT_CONFIGS, *DECODER_CONFIGS} else _image_batches(model)
 
 
 # The tiny EfficientNet / MobileNetV3 calibrate on 48 pixel rows for blocks of up to 576 columns: their statistics
