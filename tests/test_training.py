@@ -241,12 +241,12 @@ def test_iterative_distillation_defaults_to_the_dense_teacher(tmp_path, monkeypa
 # Causal LMs -----------------------------------------------------------------------------------------------
 
 
-def _lm_rows(n: int = 32, seed: int = 0, pad_fill: int | None = None):
+def _lm_rows(n: int = 32, seed: int = 0):
     """Right-padded fixed-width rows with next-token labels (``-100`` under padding), as a ``Dataset``."""
     import datasets
 
     rows = []
-    for b in token_batches(num=n, batch_size=8, seed=seed, pad_to=14, pad_fill=pad_fill):
+    for b in token_batches(num=n, batch_size=8, seed=seed, pad_to=14):
         labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
         rows += [{"input_ids": i, "attention_mask": m, "labels": lab}
                  for i, m, lab in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), labels.tolist(),
