@@ -10,6 +10,8 @@ GPU machine:
 
     PYTHONPATH=. python benchmarks/engine_shapes.py --device cuda --dtype float32 bfloat16 \\
         --shape bert-base bert-large llama-width [--baseline-path OLD_SOURCE_TREE] [--output-dir DIR]
+    PYTHONPATH=. python benchmarks/engine_shapes.py --device cuda --dtype bfloat16 --shape llama-7b \\
+        --sequences 128 --length 2048 --batch-size 4 --reference 0 --repeats 1 --suffix _llama7b
 
 ``--baseline-path`` runs the same measurement with another hf_ispasp source tree (e.g. the previous release,
 ``git archive <rev> hf_ispasp | tar -x -C DIR``) for a before/after table from one machine.
@@ -40,6 +42,16 @@ SHAPES: dict[str, dict[str, int]] = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "llama-width": dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, intermediate_size=11008),
+}
+# Whole decoders (LlamaForCausalLM, random weights): LLaMA-2-7B (multi-head) and Llama-3-8B (grouped-query, 8 KV
+# heads) shapes, and a tiny one for smoke runs. Run them with e.g. --sequences 128 --length 2048 --batch-size 4.
+DECODERS: dict[str, dict[str, int]] = {
+    "tiny-llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=112, vocab_size=1000),
+    "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=11008, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256),
 }
 VOCAB = 30522
 MINILM = "minilm"  # real weights (all-MiniLM-L6-v2) on real sentences (sentence polarity), as the CPU target
@@ -81,23 +93,32 @@ def rss_mb() -> float:
     return 0.0
 
 
-def _batches(sequences: int, length: int, batch_size: int, seed: int = 0) -> list[dict[str, Any]]:
+def _batches(sequences: int, length: int, batch_size: int, seed: int = 0, vocab: int = 0) -> list[dict[str, Any]]:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, sequences, batch_size):
         n = min(batch_size, sequences - start)
-        ids = torch.randint(1000, VOCAB, (n, length), generator=gen)
+        top = vocab or VOCAB
+        ids = torch.randint(min(1000, top // 2), top, (n, length), generator=gen)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
 
 
+def _vocab(shape: str) -> int:
+    return DECODERS.get(shape, {}).get("vocab_size", VOCAB)
+
+
 def _model(shape: str, dtype: Any, device: Any) -> Any:
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig
 
     torch.manual_seed(0)
+    if shape in DECODERS:  # built on the device in its dtype: a 7B model never exists in float32 on the host
+        config = LlamaConfig(max_position_embeddings=4096, **DECODERS[shape])
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **SHAPES[shape])
     return BertModel(config).eval().to(device=device, dtype=dtype)
 
@@ -135,7 +156,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         model, batches = _minilm(args.sequences, args.batch_size, device, dtype)
     else:
         model = _model(args.shape, dtype, device)
-        batches = _batches(args.sequences, args.length, args.batch_size)
+        batches = _batches(args.sequences, args.length, args.batch_size, vocab=_vocab(args.shape))
     _forward_seconds(model, batches[:2], device)  # warm-up (kernels, allocator)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     forwards = [_forward_seconds(model, batches, device)]
@@ -189,7 +210,7 @@ def _reference(model: Any, args: argparse.Namespace, device: Any) -> dict[str, A
 
     from hf_ispasp import ISpaSPPruner
 
-    data = _batches(args.reference, args.length, args.batch_size, seed=1)
+    data = _batches(args.reference, args.length, args.batch_size, seed=1, vocab=_vocab(args.shape))
     on_device = ISpaSPPruner(model, _config())
     on_device.prune(data)
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
@@ -252,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", nargs="*", default=["float32"])
-    parser.add_argument("--shape", nargs="*", choices=[*sorted(SHAPES), MINILM],
+    parser.add_argument("--shape", nargs="*", choices=[*sorted(SHAPES), *sorted(DECODERS), MINILM],
                         help="default: minilm on the CPU, bert-base bert-large llama-width on a GPU")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny shape, 16 sequences)")
     parser.add_argument("--sequences", type=int, default=512)

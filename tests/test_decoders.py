@@ -190,11 +190,12 @@ def test_datasets_text_split_calibrates():
     assert adapter_for(pruned).widths()["ffn"] == [18, 18]
 
 
-def test_bfloat16_model_prunes_with_finite_statistics():
-    model = tiny_decoder_model("llama").to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_prunes_with_finite_statistics(dtype):
+    model = tiny_decoder_model("llama").to(dtype)
     pruner = ISpaSPPruner(model, CONFIG)
     pruned = pruner.prune(token_batches(num=8))
-    assert pruned.dtype == torch.bfloat16
+    assert pruned.dtype == dtype
     assert all(0 <= b.relative_residual < 1.5 for b in pruner.report.blocks)
 
 
