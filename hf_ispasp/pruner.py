@@ -34,6 +34,7 @@ from .config import PrunerConfig, kept_count
 from .importance import llm_pruner_scores, taylor_scores
 from .metrics import count_flops, count_parameters
 from .offload import execution_device, has_offload, materialized_copy, offload
+from .portable import attach_portable_save
 from .record import METADATA_KEY
 from .serialization import ADDED_BIASES_KEY, add_zero_bias
 from .statistics import (
@@ -578,6 +579,7 @@ def _record_metadata(
     target = getattr(model, "config", None)
     if target is not None and hasattr(target, "to_dict"):
         setattr(target, METADATA_KEY, record)
+        attach_portable_save(model)  # the plain save_pretrained writes a checkpoint loadable without hf_ispasp
     else:
         model.ispasp_metadata = record
 

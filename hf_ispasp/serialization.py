@@ -8,6 +8,10 @@ applies the recorded widths through the architecture's adapter and then loads th
 A prune may also give a bias-free projection a bias (FLAP's bias compensation on LLaMA's ``o_proj`` /
 ``down_proj``); the record lists those modules under ``"added_biases"`` and loading recreates them (zeros) before
 the strict load, which then fills them.
+
+Both ``save_pruned`` and the ``save_pretrained`` of a pruned model also make the checkpoint loadable without
+hf_ispasp (a plain config or a modeling file, see :mod:`hf_ispasp.portable`); :func:`load_pruned` reads those
+checkpoints as well as older ones.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from . import timm_format
 from .adapters import adapter_for
 from .atomic import CheckpointFolderError, atomic_directory, readable_folder
+from .portable import attach_portable_save, clear_portable_fields, finish_checkpoint
 from .record import METADATA_KEY
 from .strict_load import CheckpointMismatchError, load_state_dict_checked
 
@@ -130,7 +135,12 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     # transformers 5 renames some weights back to their legacy names on save (e.g. ViT's `encoder.layer`);
     # load_pruned reads the file directly, so keep the names of the module tree.
     kwargs.setdefault("save_original_format", False)
-    atomic_directory(path, with_tokenizer(lambda tmp: model.save_pretrained(tmp, **kwargs)))
+
+    def save(tmp: str) -> None:
+        type(model).save_pretrained(model, tmp, **kwargs)  # the transformers save, then the portable part
+        finish_checkpoint(model, tmp)
+
+    atomic_directory(path, with_tokenizer(save))
 
 
 def _state_dict_files(path: str) -> list[str]:
@@ -217,7 +227,9 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
             f"{path} has no '{METADATA_KEY}' pruning record in config.json, so it is not an hf_ispasp checkpoint; "
             "load it with the usual from_pretrained"
         )
-    architectures = getattr(config, "architectures", None) or []
+    clear_portable_fields(config)
+    architectures = [name.removeprefix("Pruned") if not hasattr(transformers, name) else name
+                     for name in getattr(config, "architectures", None) or []]  # a re-saved remote-code model
     if not architectures or not hasattr(transformers, architectures[0]):
         raise ValueError(f"config.json of {path} names no known model class (architectures={architectures})")
     with no_init_weights():
@@ -236,4 +248,5 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
+    attach_portable_save(model)
     return model

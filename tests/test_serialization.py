@@ -132,7 +132,7 @@ def test_save_keeps_foreign_files_and_replaces_only_ours(pruned, tmp_path):
     save_pruned(pruned, target)
     assert not (target / "extra.json").exists()
     assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "my_data.csv", "notes", "train.py"]
+        "config.json", "model.safetensors", "modeling_pruned.py", "my_data.csv", "notes", "train.py"]
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no staging folder left behind
 
 
