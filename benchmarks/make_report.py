@@ -28,6 +28,9 @@ ORDER = [
     ("peer_torch_pruning", "4. Torch-Pruning side by side"),
     ("pruning_speed", "5. Pruning speed and scaling"),
     ("inference_speed", "6. Inference speed"),
+    ("train_decoders", "7. Decoders trained here from scratch"),
+    ("decoder_perplexity", "8. Decoder LLMs: perplexity against the LLM pruning methods"),
+    ("peer_torch_pruning_llm", "9. Torch-Pruning on the decoders"),
 ]
 COMMANDS = """\
 Reproduce everything (about 1-2 hours on 2 CPU cores; each script also runs alone and writes
@@ -126,7 +129,32 @@ def summary(results_dir: Path) -> str:
                          f"FLOPs x{main['flops_speedup']:.2f}, "
                          f"batch 1 x{main['b1_speedup']:.2f}, batch 32 x{main['b32_speedup']:.2f} ({100 * frac:.0f}% "
                          f"for the worse of the two) -> {'met' if frac >= 0.85 else 'not met'}.")
+    lines += _decoder_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _decoder_summary(results_dir: Path) -> list[str]:
+    """Issue 9's goal: the default rule has the lowest one-shot perplexity at every budget (from the JSON)."""
+    data = _json(results_dir, "decoder_perplexity")
+    if not data or not data.get("records"):
+        return []
+    lines = []
+    one_shot = [r for r in data["records"] if r.get("stage") == "one-shot"]
+    for kind in dict.fromkeys(r["model"] for r in one_shot):
+        rows = [r for r in one_shot if r["model"] == kind]
+        cells = []
+        for target in sorted({r["target"] for r in rows}):
+            at = [r for r in rows if r["target"] == target]
+            ours = next((r for r in at if r["rule"] == "i-SpaSP (default)"), None)
+            peers = [r for r in at if not r["rule"].startswith("i-SpaSP")]
+            if ours and peers:
+                best = min(peers, key=lambda r: r["ppl"])
+                cells.append(f"{100 * target:.0f}%: {ours['ppl']:.1f} vs {best['rule']} {best['ppl']:.1f}"
+                             f" ({'lowest' if ours['ppl'] < best['ppl'] else 'not lowest'})")
+        if cells:
+            lines.append(f"- Decoder goal 'default rule lowest one-shot perplexity at every budget' ({kind}): "
+                         + "; ".join(cells) + ".")
+    return lines
 
 
 def assemble(results_dir: Path, output: Path) -> str:

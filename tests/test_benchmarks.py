@@ -137,3 +137,32 @@ def test_calibration_size(tmp_path: Path) -> None:
     assert "0.0001" not in one["ridges"] and "none x" in one["ridges"]
     assert calibration_size.main(["--report-only", "--output-dir", str(tmp_path)]) == 0
     assert "same selection, no re-fit" in (tmp_path / "calibration_size.md").read_text()
+
+
+def test_decoder_perplexity(tmp_path: Path, monkeypatch) -> None:
+    import decoder_perplexity
+
+    monkeypatch.setenv("HF_ISPASP_CACHE", str(tmp_path / "cache"))
+    assert decoder_perplexity.main(["--tiny", "--output-dir", str(tmp_path), "--models", "llama"]) == 0
+    data = _load(tmp_path, "decoder_perplexity")
+    one_shot = [r for r in data["records"] if r.get("stage") == "one-shot"]
+    assert {r["rule"] for r in one_shot} == set(decoder_perplexity.RULES)
+    assert {r["target"] for r in one_shot} == set(decoder_perplexity.targets(tiny=True))
+    for r in one_shot:  # every rule at the same widths, near the budgeted share of the layer parameters
+        assert abs(r["layer_params_removed"] - r["target"]) < 0.1 and r["ppl"] > 1
+    widths = {(r["target"], str(r["widths"]["heads"]), str(r["widths"]["ffn"])) for r in one_shot}
+    assert len(widths) == len(decoder_perplexity.targets(tiny=True))  # FLAP's added biases aside, the same model sizes
+    assert {r["rule"] for r in data["records"] if r.get("stage") == "fine-tuned"} >= {decoder_perplexity.DEFAULT}
+    timing = data["timing"][0]
+    assert timing["ratio"] > 0 and timing["peak_extra_host_mb"] >= 0
+
+
+def test_engine_shapes_decoder(tmp_path: Path) -> None:
+    import engine_shapes
+
+    argv = ["--device", "cpu", "--shape", "tiny-llama", "--sequences", "8", "--length", "16", "--repeats", "1",
+            "--reference", "8", "--output-dir", str(tmp_path)]
+    assert engine_shapes.main(argv) == 0
+    (rec,) = json.loads((tmp_path / "engine_shapes.json").read_text())["records"]
+    assert rec["shape"] == "tiny-llama" and rec["pruned_mb"] < rec["model_mb"]
+    assert rec["same_as_cpu"] == rec["blocks"]  # the selection of the CPU float64 reference
