@@ -48,6 +48,7 @@ from hf_ispasp.metrics import count_parameters  # noqa: E402
 
 NAME = "peer_torch_pruning_llm"
 OURS = "i-SpaSP (default)"
+OURS_QUERY = "i-SpaSP (gqa_groups=query)"
 IMPORTANCES = ("magnitude", "taylor")
 
 
@@ -174,15 +175,19 @@ def _rotary_hidden(model: nn.Module):
 
 
 def torch_pruning_llama(model: nn.Module, ffn_keep: float, head_keep: float, importance: str,
-                        batches: list[dict[str, torch.Tensor]]) -> nn.Module:
+                        batches: list[dict[str, torch.Tensor]], query: bool = False) -> nn.Module:
     """Torch-Pruning's GQA recipe (its LLM example's num_heads for q / k / v) at our ratios, to record what it
-    does; raises :class:`NotComparable` when the widths differ from ours (whole KV groups)."""
+    does; raises :class:`NotComparable` when the widths differ from ours (whole KV groups). With ``query`` the
+    target is ours under ``gqa_groups="query"`` (every KV head kept, the same number of query heads removed in each
+    KV group), which is what Torch-Pruning's GQA head pruning does."""
     import torch_pruning as tp
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     keep_groups = kept_count(kv_heads, head_keep)  # ours: whole KV groups, each with heads // kv_heads queries
-    if kv_heads < heads and keep_groups < kv_heads:
+    if query:
+        reason = ""
+    elif kv_heads < heads and keep_groups < kv_heads:
         reason = (f"ours keeps {keep_groups} of {kv_heads} KV groups ({keep_groups * heads // kv_heads} query heads); "
                   f"Torch-Pruning's GQA head pruning never removes a key/value head")
     else:
@@ -192,7 +197,8 @@ def torch_pruning_llama(model: nn.Module, ffn_keep: float, head_keep: float, imp
     layers = pruned.model.layers
     inner = layers[0].mlp.gate_proj.out_features
     keep_ffn = kept_count(inner, ffn_keep)
-    keep_queries = keep_groups * heads // kv_heads
+    keep_queries = (kv_heads * kept_count(heads // kv_heads, head_keep) if query
+                    else keep_groups * heads // kv_heads)
     num_heads, ratios = {}, {}
     for layer in layers:
         attn = layer.self_attn
@@ -238,15 +244,17 @@ def llama_widths(model: nn.Module) -> str:
 
 
 def torch_pruning_prune(kind: str, model: nn.Module, ffn_keep: float, head_keep: float, importance: str,
-                        batches: list[dict[str, torch.Tensor]]) -> nn.Module:
-    prune = torch_pruning_gpt2 if kind == "gpt2" else torch_pruning_llama
-    return prune(model, ffn_keep, head_keep, importance, batches)
+                        batches: list[dict[str, torch.Tensor]], query: bool = False) -> nn.Module:
+    if kind == "gpt2":
+        return torch_pruning_gpt2(model, ffn_keep, head_keep, importance, batches)
+    return torch_pruning_llama(model, ffn_keep, head_keep, importance, batches, query=query)
 
 
 def layer_widths(model: nn.Module) -> dict[str, list[int]]:
-    """Per-layer group counts as our adapter reads them from the modules (KV groups / heads, FFN neurons)."""
+    """Per-layer group counts as our adapter reads them from the modules (KV groups / heads, query heads per KV
+    head, FFN neurons)."""
     record = adapter_for(model).widths()
-    return {key: list(record[key]) for key in ("heads", "ffn")}
+    return {key: list(record[key]) for key in ("heads", "q_per_kv", "ffn")}
 
 
 # Run --------------------------------------------------------------------------------------------------------
@@ -254,7 +262,7 @@ def measure_model(kind: str, tiny: bool, results: common.Results) -> None:
     model, tokenizer, folder = dp._load(kind, tiny)
     seq = 32 if tiny else 128
     calibration, _ = dp._train_chunks(tokenizer, tiny)
-    test = lm.lm_dataset("test", tokenizer, seq, max_chunks=16 if tiny else None)
+    test = lm.lm_dataset("test", tokenizer, seq, max_chunks=16 if tiny else dp.TEST_CHUNKS)
     batches = dp._batches(calibration)
     dense_layers = count_parameters(list(adapter_for(model).layers()))
     dense_ppl = lm.perplexity(model, test)
@@ -264,37 +272,55 @@ def measure_model(kind: str, tiny: bool, results: common.Results) -> None:
     for target in dp.targets(tiny):
         ffn_keep, head_keep = dp.widths_for(model, target)
         base = {"model": kind, "target": target, "ffn_keep": ffn_keep, "head_keep": head_keep}
+        # GQA: ours removes whole KV groups by default; Torch-Pruning only query heads inside each KV group, which
+        # is ours with gqa_groups="query": that pair is compared at equal widths too.
+        modes = [(False, OURS)] + ([(True, OURS_QUERY)] if _is_gqa(model) else [])
+        for query, ours_name in modes:
+            _compare(kind, model, batches, test, base, ffn_keep, head_keep, dense_layers, results, query, ours_name)
+
+
+def _is_gqa(model: nn.Module) -> bool:
+    config = model.config
+    return getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
+
+
+def _compare(kind: str, model: nn.Module, batches: list[dict[str, torch.Tensor]], test: Any, base: dict[str, Any],
+             ffn_keep: float, head_keep: float, dense_layers: int, results: common.Results, query: bool,
+             ours_name: str) -> None:
+    """Ours (in the given GQA mode) and Torch-Pruning's importances at the same widths, for one budget."""
+    target = base["target"]
+    start = time.perf_counter()
+    extra = {"gqa_groups": "query"} if query else {}
+    ours = ISpaSPPruner(model, PrunerConfig(ffn_keep_ratio=ffn_keep, head_keep_ratio=head_keep,
+                                            show_progress=False, **extra)).prune(batches)
+    seconds = time.perf_counter() - start
+    expected = layer_widths(ours)
+    removed = 1 - count_parameters(list(adapter_for(ours).layers())) / dense_layers
+    results.add({**base, "method": ours_name, "ppl": lm.perplexity(ours, test), "prune_s": seconds,
+                 "widths": expected, "layer_params_removed": removed, "status": "ok"})
+    print(f"{kind} {target:.2f} {ours_name}: {results.records[-1]['ppl']:.2f} {expected}", flush=True)
+    del ours
+    for importance in IMPORTANCES:
+        method = f"Torch-Pruning {importance}" + (" (query heads)" if query else "")
         start = time.perf_counter()
-        ours = ISpaSPPruner(model, PrunerConfig(ffn_keep_ratio=ffn_keep, head_keep_ratio=head_keep,
-                                                show_progress=False)).prune(batches)
+        try:
+            pruned = torch_pruning_prune(kind, model, ffn_keep, head_keep, importance, batches, query=query)
+        except NotComparable as why:
+            results.add({**base, "method": method, "status": "skipped", "reason": str(why)})
+            print(f"{kind} {target:.2f} {method}: skipped ({why})", flush=True)
+            continue
         seconds = time.perf_counter() - start
-        expected = layer_widths(ours)
-        removed = 1 - count_parameters(list(adapter_for(ours).layers())) / dense_layers
-        results.add({**base, "method": OURS, "ppl": lm.perplexity(ours, test), "prune_s": seconds,
-                     "widths": expected, "layer_params_removed": removed, "status": "ok"})
-        print(f"{kind} {target:.2f} {OURS}: {results.records[-1]['ppl']:.2f} {expected}", flush=True)
-        del ours
-        for importance in IMPORTANCES:
-            method = f"Torch-Pruning {importance}"
-            start = time.perf_counter()
-            try:
-                pruned = torch_pruning_prune(kind, model, ffn_keep, head_keep, importance, batches)
-            except NotComparable as why:
-                results.add({**base, "method": method, "status": "skipped", "reason": str(why)})
-                print(f"{kind} {target:.2f} {method}: skipped ({why})", flush=True)
-                continue
-            seconds = time.perf_counter() - start
-            got = layer_widths(pruned)
-            if got != expected:
-                results.add({**base, "method": method, "status": "skipped", "widths": got,
-                             "reason": f"widths {got} differ from ours {expected}"})
-                print(f"{kind} {target:.2f} {method}: skipped, widths {got} != {expected}", flush=True)
-                continue
-            removed = 1 - count_parameters(list(adapter_for(pruned).layers())) / dense_layers
-            ppl = lm.perplexity(pruned, test)
-            results.add({**base, "method": method, "ppl": ppl, "prune_s": seconds, "widths": got,
-                         "layer_params_removed": removed, "status": "ok"})
-            print(f"{kind} {target:.2f} {method}: {ppl:.2f} ({seconds:.1f}s)", flush=True)
+        got = layer_widths(pruned)
+        if got != expected:
+            results.add({**base, "method": method, "status": "skipped", "widths": got,
+                         "reason": f"widths {got} differ from ours {expected}"})
+            print(f"{kind} {target:.2f} {method}: skipped, widths {got} != {expected}", flush=True)
+            continue
+        removed = 1 - count_parameters(list(adapter_for(pruned).layers())) / dense_layers
+        ppl = lm.perplexity(pruned, test)
+        results.add({**base, "method": method, "ppl": ppl, "prune_s": seconds, "widths": got,
+                     "layer_params_removed": removed, "status": "ok"})
+        print(f"{kind} {target:.2f} {method}: {ppl:.2f} ({seconds:.1f}s)", flush=True)
 
 
 def report(data: dict[str, Any]) -> str:

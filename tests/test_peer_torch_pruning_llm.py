@@ -26,17 +26,23 @@ def test_peer_torch_pruning_llm_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyP
     records = data["records"]
     assert {r["model"] for r in records} == {"llama", "gpt2"}
     cells = [r for r in records if r["method"] != "dense"]
-    ours = {(r["model"], r["target"]): r for r in cells if r["method"] == bench.OURS}
+    ours = {(r["model"], r["target"], r["method"] == bench.OURS_QUERY): r for r in cells
+            if r["method"] in (bench.OURS, bench.OURS_QUERY)}
+    assert {key[2] for key in ours if key[0] == "llama"} == {False, True}  # GQA: both modes compared
     peers = [r for r in cells if r["method"].startswith("Torch-Pruning")]
     assert len(peers) == 2 * len(ours) and all(r["status"] in ("ok", "skipped") for r in peers)
+
+    def mine(r: dict) -> dict:
+        return ours[(r["model"], r["target"], r["method"].endswith("(query heads)"))]
+
     for r in peers:
         if r["status"] == "ok":  # reported only at our widths, with a finite perplexity
-            assert r["widths"] == ours[(r["model"], r["target"])]["widths"] and 1 < r["ppl"] < float("inf")
+            assert r["widths"] == mine(r)["widths"] and 1 < r["ppl"] < float("inf")
         else:
             assert r["reason"]
     # whole KV groups of the GQA model: Torch-Pruning keeps every key/value head, so no cell where ours drops one
     for r in peers:
-        if r["model"] == "llama" and min(ours[("llama", r["target"])]["widths"]["heads"]) < 2:
+        if r["model"] == "llama" and min(mine(r)["widths"]["heads"]) < 2:
             assert r["status"] == "skipped" and "KV" in r["reason"]
     text = (tmp_path / f"{bench.NAME}.md").read_text()
     assert text.startswith("## ") and "Torch-Pruning magnitude" in text
