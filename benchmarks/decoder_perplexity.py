@@ -16,7 +16,6 @@ i-SpaSP is shown with and without it.
 
 from __future__ import annotations
 
-import copy
 import resource
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 
 from demo import lm  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for  # noqa: E402
-from hf_ispasp.config import kept_count  # noqa: E402
+from hf_ispasp.budget import uniform_compaction  # noqa: E402
 from hf_ispasp.metrics import count_parameters  # noqa: E402
 
 NAME = "decoder_perplexity"
@@ -61,14 +60,7 @@ def _available(rules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def layer_params_after(model: Any, ffn_keep: float, head_keep: float) -> int:
     """Layer parameters once every block keeps the budgeted count (a weight-free compaction of a copy)."""
-    candidate = copy.deepcopy(model)
-    adapter = adapter_for(candidate)
-    for index in range(len(adapter.layers())):
-        for block in adapter.blocks(index):
-            keep = kept_count(block.num_groups, ffn_keep if block.kind == "ffn" else head_keep)
-            if keep < block.num_groups:
-                adapter.compact(block, torch.arange(keep))
-    return count_parameters(list(adapter.layers()))
+    return count_parameters(list(adapter_for(uniform_compaction(model, ffn_keep, head_keep)).layers()))
 
 
 def widths_for(model: Any, target: float) -> tuple[float, float]:

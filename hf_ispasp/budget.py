@@ -13,7 +13,7 @@ from .adapters.base import adapter_for
 from .config import kept_count
 from .metrics import count_flops
 
-__all__ = ["ffn_ratio_for_flops"]
+__all__ = ["ffn_ratio_for_flops", "uniform_compaction"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,7 @@ def ffn_ratio_for_flops(
     dense = count_flops(model, inputs)
 
     def cost(ratio: float) -> float:
-        candidate = copy.deepcopy(model)
-        adapter = adapter_for(candidate)
-        for index in range(len(adapter.layers())):
-            for block in adapter.blocks(index):
-                keep = kept_count(block.num_groups, ratio if block.kind == "ffn" else head_keep_ratio)
-                if keep < block.num_groups:
-                    adapter.compact(block, torch.arange(keep))
-        return count_flops(candidate, inputs) / dense
+        return count_flops(uniform_compaction(model, ratio, head_keep_ratio), inputs) / dense
 
     low, high = 0.0, 1.0
     if cost(1e-6) > fraction:
@@ -59,3 +52,25 @@ def ffn_ratio_for_flops(
         else:
             low = mid
     return max(low, 1e-6)
+
+
+def uniform_compaction(model: nn.Module, ffn_keep_ratio: float, head_keep_ratio: float, options: Any = None
+                       ) -> nn.Module:
+    """A copy of ``model`` with every block cut to its budgeted count (its first groups; weights do not matter).
+
+    Any ``k`` groups of a block cost the same FLOPs and parameters, so this prices a budget without data.
+    ``options``: a :class:`~hf_ispasp.PrunerConfig` whose group options apply (``gqa_groups``).
+    """
+    candidate = copy.deepcopy(model)
+    adapter = adapter_for(candidate)
+    if options is not None:
+        adapter.configure(options)
+    for index in range(len(adapter.layers())):
+        for block in adapter.blocks(index):
+            ratio = ffn_keep_ratio if block.kind == "ffn" else head_keep_ratio
+            keep = kept_count(block.num_groups, ratio, partitions=block.partitions)
+            if keep < block.num_groups:
+                runs, per_run = block.partitions, block.num_groups // block.partitions
+                first = torch.arange(keep // runs)
+                adapter.compact(block, (torch.arange(runs)[:, None] * per_run + first).flatten())
+    return candidate

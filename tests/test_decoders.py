@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for, load_pruned, save_pruned
 from hf_ispasp.adapters.decoders import DecoderAdapter
+from hf_ispasp.budget import uniform_compaction
 from hf_ispasp.offload import has_offload
 from hf_ispasp.record import METADATA_KEY
 
@@ -220,3 +221,12 @@ def test_offloaded_decoder_prunes_like_the_in_memory_one(tmp_path):
 def test_decoder_adapters_are_registered_by_model_type():
     for family in FAMILIES:
         assert isinstance(adapter_for(tiny_decoder_model(family)), DecoderAdapter)
+
+
+def test_uniform_compaction_prices_both_gqa_modes():
+    model = tiny_decoder_model("llama")
+    kv = adapter_for(uniform_compaction(model, 0.5, 0.67)).widths()
+    assert (kv["heads"], kv["q_per_kv"], kv["ffn"]) == ([2, 2], [2, 2], [18, 18])
+    query = adapter_for(uniform_compaction(model, 0.5, 0.5, PrunerConfig(gqa_groups="query"))).widths()
+    assert (query["heads"], query["q_per_kv"]) == ([3, 3], [1, 1])
+    assert adapter_for(model).widths()["q_per_kv"] == [2, 2]  # on a copy
