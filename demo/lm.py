@@ -190,24 +190,12 @@ def lm_dataset(split: str, tokenizer: Any, seq_len: int = 128, max_chunks: int |
     ``attention_mask`` (all ones) and ``labels`` (= ``input_ids``; the models shift them).
 
     Articles are joined with EOS between them and the stream is cut every ``seq_len`` tokens (the remainder is
-    dropped), the usual causal-LM recipe: no padding, every position is a prediction. ``max_chunks`` keeps the
-    first chunks only (quick runs).
+    dropped), the usual causal-LM recipe (:func:`hf_ispasp.language_modeling.chunk_text`): no padding, every
+    position is a prediction. ``max_chunks`` keeps the first chunks only (quick runs).
     """
-    eos = tokenizer.eos_token_id
+    from hf_ispasp.language_modeling import chunk_text
 
-    def chunk(batch: dict[str, list]) -> dict[str, list]:
-        stream: list[int] = []
-        for ids in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-        n = len(stream) // seq_len
-        ids = [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]
-        return {"input_ids": ids, "attention_mask": [[1] * seq_len for _ in ids], "labels": [list(x) for x in ids]}
-
-    raw = _load_split(split)
-    # One batch over the whole split: chunks cross article boundaries, only the very last remainder is lost.
-    # keep_in_memory: a tokenizer closure hashes unreliably, and cache files would pile up for nothing.
-    data = raw.map(chunk, batched=True, batch_size=None, remove_columns=raw.column_names, keep_in_memory=True)
+    data = chunk_text(_load_split(split), tokenizer, seq_len)  # the CLI's and the example's recipe
     if max_chunks is not None:
         data = data.select(range(min(max_chunks, len(data))))
     return data

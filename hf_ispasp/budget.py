@@ -6,12 +6,12 @@ import copy
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from .adapters.base import adapter_for
 from .config import kept_count
 from .metrics import count_flops
+from .partitions import first_per_run
 
 __all__ = ["ffn_ratio_for_flops", "uniform_compaction"]
 
@@ -70,7 +70,5 @@ def uniform_compaction(model: nn.Module, ffn_keep_ratio: float, head_keep_ratio:
             ratio = ffn_keep_ratio if block.kind == "ffn" else head_keep_ratio
             keep = kept_count(block.num_groups, ratio, partitions=block.partitions)
             if keep < block.num_groups:
-                runs, per_run = block.partitions, block.num_groups // block.partitions
-                first = torch.arange(keep // runs)
-                adapter.compact(block, (torch.arange(runs)[:, None] * per_run + first).flatten())
+                adapter.compact(block, first_per_run(block.num_groups, keep // block.partitions, block.partitions))
     return candidate

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["check_partitions", "drops_above_floor", "random_per_run", "run_of", "topk_per_run"]
+__all__ = ["check_partitions", "drops_above_floor", "first_per_run", "random_per_run", "run_of", "topk_per_run"]
 
 
 def check_partitions(num_groups: int, keep: int, partitions: int) -> int:
@@ -53,6 +53,12 @@ def topk_per_run(
     order = torch.argsort(-runs, dim=1, stable=True)[:, :k]
     offsets = torch.arange(partitions, device=scores.device)[:, None] * runs.shape[1]
     return (order + offsets).reshape(-1)
+
+
+def first_per_run(num_groups: int, k: int, partitions: int) -> torch.Tensor:
+    """The first ``k`` groups of every run: any ``k`` per run cost the same, so widths are applied this way."""
+    size = num_groups // partitions
+    return (torch.arange(partitions)[:, None] * size + torch.arange(k)).reshape(-1)
 
 
 def random_per_run(num_groups: int, k: int, partitions: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import GQA_GROUPS
+from ..partitions import first_per_run
 from .base import Resume, register_adapter
 from .groups import (
     Attr,
@@ -37,12 +39,12 @@ from .groups import (
     get_module,
     group_count,
     neurons,
+    units,
 )
 
 __all__ = ["DecoderAdapter", "DecoderLayout", "GPT2Adapter", "LlamaLikeAdapter", "Phi3Adapter"]
 
 WIDTHS_FORMAT = "hf_ispasp.decoder/1"
-GQA_GROUPS = ("kv", "query")
 
 
 @dataclass(frozen=True)
@@ -140,25 +142,24 @@ class DecoderAdapter(SpecAdapter):
         q = Cut(lay.qkv, d, whole=2 * kv_heads * d) if lay.qkv is not None else Cut(lay.q, d)
         return GroupSpec(f"layer.{layer}.attention", "heads", Cut(lay.out, d), (q,), partitions=kv_heads)
 
+    def _ffn_spec(self, layer: int) -> GroupSpec:
+        return neurons(f"layer.{layer}.ffn", self.layout.ffn_down, *self.layout.ffn_ups)
+
     def group_specs(self, layer: int) -> list[GroupSpec]:
         query = self.gqa_groups == "query" and self.q_per_kv(layer) > 1
-        attention = self._query_spec(layer) if query else self._kv_spec(layer)
-        return [attention, neurons(f"layer.{layer}.ffn", self.layout.ffn_down, *self.layout.ffn_ups)]
+        return [self._query_spec(layer) if query else self._kv_spec(layer), self._ffn_spec(layer)]
 
     def record_specs(self, layer: int) -> list[GroupSpec]:
         """KV groups and neurons, whatever ``gqa_groups``: queries per KV head are a record extra."""
-        return [self._kv_spec(layer), neurons(f"layer.{layer}.ffn", self.layout.ffn_down, *self.layout.ffn_ups)]
+        return [self._kv_spec(layer), self._ffn_spec(layer)]
 
     def _head_counts(self, layer: int) -> tuple[int, int]:
-        """(query heads, key/value heads) of ``layer`` from its projection shapes."""
+        """(query heads, key/value heads) of ``layer`` from its projection shapes (the attributes follow them)."""
         root, lay, d = self.layers()[layer], self.layout, self.head_dim(layer)
-        out = get_module(root, lay.out)
-        queries = (out.in_features if isinstance(out, nn.Linear) else out.weight.shape[0]) // d
+        queries = units(get_module(root, lay.out), output=False) // d
         if lay.qkv is not None:
-            fused = get_module(root, lay.qkv)
-            rows = fused.out_features if isinstance(fused, nn.Linear) else fused.weight.shape[1]
-            return queries, (rows // d - queries) // 2
-        return queries, get_module(root, lay.k).out_features // d
+            return queries, (units(get_module(root, lay.qkv), output=True) // d - queries) // 2
+        return queries, units(get_module(root, lay.k), output=True) // d
 
     def after_compact(self, layer: int) -> None:
         """Query heads per KV head and, where the attention reads them there, the per-layer config's counts."""
@@ -189,8 +190,7 @@ class DecoderAdapter(SpecAdapter):
             raise ValueError(f"layer {layer}: recorded {want} query heads per KV head, the model has {r}")
         if want < r:
             kv_heads = group_count(self.layers()[layer], self._kv_spec(layer))
-            kept = (torch.arange(kv_heads)[:, None] * r + torch.arange(want)).flatten()
-            compact_groups(self.layers()[layer], self._query_spec(layer), kept)
+            compact_groups(self.layers()[layer], self._query_spec(layer), first_per_run(kv_heads * r, want, kv_heads))
             self.after_compact(layer)
 
     # Calibration --------------------------------------------------------------------------------------------

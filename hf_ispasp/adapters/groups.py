@@ -56,6 +56,7 @@ __all__ = [
     "group_scores",
     "neurons",
     "set_module",
+    "units",
 ]
 
 KINDS = ("heads", "ffn")
@@ -192,7 +193,7 @@ def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
     setattr(get_module(root, parent), name, value)
 
 
-def _units(module: nn.Module, output: bool) -> int:
+def units(module: nn.Module, output: bool) -> int:
     """Size of the dimension a cut slices: output or input features / channels."""
     if isinstance(module, nn.Linear):
         return module.out_features if output else module.in_features
@@ -233,11 +234,11 @@ def _per_group(scores: torch.Tensor, count: int, sizes: tuple[int, ...]) -> torc
 def _checked(root: nn.Module, spec: GroupSpec, cut: Cut, count: int, output: bool) -> nn.Module:
     """The module of ``cut``, after checking that its sliced dimension has ``count`` groups of its row map."""
     module = get_module(root, cut.path)
-    units, expected = _units(module, output), count * sum(cut.sizes) + cut.whole
-    if units != expected:
+    found, expected = units(module, output), count * sum(cut.sizes) + cut.whole
+    if found != expected:
         side = "output" if output else "input"
         raise ValueError(
-            f"{spec.name}: {cut.path} has {units} {side} units but {count} groups of {cut.sizes} make {expected}; "
+            f"{spec.name}: {cut.path} has {found} {side} units but {count} groups of {cut.sizes} make {expected}; "
             "the group spec does not describe this module"
         )
     return module
@@ -246,10 +247,10 @@ def _checked(root: nn.Module, spec: GroupSpec, cut: Cut, count: int, output: boo
 # Derived once -------------------------------------------------------------------------------------------------
 def group_count(root: nn.Module, spec: GroupSpec) -> int:
     """Current number of groups: ``down``'s input units over the units per group."""
-    units = _units(get_module(root, spec.down.path), output=False)
-    if units % spec.group_size:
-        raise ValueError(f"{spec.name}: {spec.down.path} has {units} inputs, not a multiple of {spec.group_size}")
-    return units // spec.group_size
+    found = units(get_module(root, spec.down.path), output=False)
+    if found % spec.group_size:
+        raise ValueError(f"{spec.name}: {spec.down.path} has {found} inputs, not a multiple of {spec.group_size}")
+    return found // spec.group_size
 
 
 def _cuts(spec: GroupSpec) -> list[tuple[Cut, bool]]:
