@@ -51,13 +51,6 @@ TEST_CHUNKS = 200  # 25,600 held-out tokens
 FINETUNE_STEPS = 80
 
 
-def _available(rules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The rules this version of the library knows (the peers' rules arrive with the baselines module)."""
-    from hf_ispasp.config import SELECTIONS
-
-    return {name: kw for name, kw in rules.items() if kw.get("selection", "ispasp") in SELECTIONS}
-
-
 def layer_params_after(model: Any, ffn_keep: float, head_keep: float) -> int:
     """Layer parameters once every block keeps the budgeted count (a weight-free compaction of a copy)."""
     return count_parameters(list(adapter_for(uniform_compaction(model, ffn_keep, head_keep)).layers()))
@@ -141,7 +134,7 @@ def measure_model(kind: str, tiny: bool, finetune: bool, results: common.Results
     for target in targets(tiny):
         ffn_keep, head_keep = widths_for(model, target)
         one_shot: dict[str, tuple[float, Any]] = {}
-        for rule, extra in _available(RULES).items():
+        for rule, extra in RULES.items():
             config = PrunerConfig(ffn_keep_ratio=ffn_keep, head_keep_ratio=head_keep, show_progress=False, **extra)
             start = time.perf_counter()
             pruned = ISpaSPPruner(model, config).prune(batches)
