@@ -14,6 +14,7 @@ from .adapters import (
     supported_model_types,
 )
 from .config import PrunerConfig
+from .export import check_onnx, export_onnx
 from .pruner import ISpaSPPruner, PruningReport
 from .serialization import CheckpointFolderError, CheckpointMismatchError, load_pruned, save_pruned
 from .statistics import CalibrationError
@@ -31,6 +32,8 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "adapter_for",
+    "check_onnx",
+    "export_onnx",
     "load_pruned",
     "register_adapter",
     "save_pruned",

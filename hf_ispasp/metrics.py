@@ -27,7 +27,7 @@ def count_parameters(module: nn.Module | list[nn.Module]) -> int:
     return total
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def _call(model: nn.Module | Callable[..., Any], inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -95,8 +95,8 @@ class LatencyComparison:
 
 @torch.no_grad()
 def latency_ratio(
-    baseline: nn.Module, candidate: nn.Module, inputs: Any, repeats: int = 20, rounds: int = 3, warmup: int = 3,
-    clock: Callable[[], float] = time.perf_counter,
+    baseline: nn.Module | Callable[..., Any], candidate: nn.Module | Callable[..., Any], inputs: Any,
+    repeats: int = 20, rounds: int = 3, warmup: int = 3, clock: Callable[[], float] = time.perf_counter,
 ) -> LatencyComparison:
     """Time ``baseline`` and ``candidate`` call by call, interleaved, and compare them pair by pair.
 
@@ -105,11 +105,15 @@ def latency_ratio(
     seconds) falls on both sides alike and neither model always runs in the other's cache wake. Timing whole
     rounds of one model and then of the other let a burst land on one side only (a 6.55x "speedup" measured
     on a busy machine where 1.44x was true). The models' training flags are restored afterwards.
+
+    ``baseline`` and ``candidate`` may be any callables taking ``inputs`` as a model does (e.g.
+    ``hf_ispasp.export.OnnxRunner`` sessions), so exported graphs are timed by the same protocol.
     """
     pairs = max(1, int(repeats) * max(1, int(rounds)))
-    modes = (baseline.training, candidate.training)
-    baseline.eval()
-    candidate.eval()
+    modules = [m for m in (baseline, candidate) if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
     try:
         for _ in range(warmup):
             _call(baseline, inputs)
@@ -123,8 +127,8 @@ def latency_ratio(
                 cand_times.append(_timed_call(candidate, inputs, clock))
                 base_times.append(_timed_call(baseline, inputs, clock))
     finally:
-        baseline.train(modes[0])
-        candidate.train(modes[1])
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
     ratios = sorted(b / max(c, 1e-12) for b, c in zip(base_times, cand_times, strict=True))
     return LatencyComparison(
         baseline_s=_quantile(sorted(base_times), 0.5),
@@ -138,7 +142,7 @@ def latency_ratio(
     )
 
 
-def _timed_call(model: nn.Module, inputs: Any, clock: Callable[[], float]) -> float:
+def _timed_call(model: nn.Module | Callable[..., Any], inputs: Any, clock: Callable[[], float]) -> float:
     start = clock()
     _call(model, inputs)
     return clock() - start
