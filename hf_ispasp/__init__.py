@@ -15,6 +15,7 @@ from .adapters import (
 )
 from .config import PrunerConfig
 from .export import check_onnx, export_onnx
+from .portable.card import model_card, set_card_info, widths_svg, write_model_card
 from .pruner import ISpaSPPruner, PruningReport
 from .serialization import CheckpointFolderError, CheckpointMismatchError, load_pruned, save_pruned
 from .statistics import CalibrationError
@@ -35,7 +36,11 @@ __all__ = [
     "check_onnx",
     "export_onnx",
     "load_pruned",
+    "model_card",
     "register_adapter",
     "save_pruned",
+    "set_card_info",
     "supported_model_types",
+    "widths_svg",
+    "write_model_card",
 ]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ from .importance import llm_pruner_scores, taylor_scores
 from .metrics import count_flops, count_parameters
 from .offload import execution_device, has_offload, materialized_copy, offload
 from .portable import attach_portable_save
-from .record import METADATA_KEY
-from .serialization import ADDED_BIASES_KEY, add_zero_bias
+from .record import BASE_MODEL_KEY, METADATA_KEY, SUMMARY_KEY, summarize_prune
+from .serialization import ADDED_BIASES_KEY, add_zero_bias, looks_like_hub_id
 from .statistics import (
     ActivationCache,
     calibration_batches,
@@ -161,6 +162,7 @@ class ISpaSPPruner:
         report.params_before = count_parameters(model)
         report.layer_params_before = count_parameters(list(adapter.layers()))
         report.flops_before = count_flops(model, to_device(example, device))
+        dense_widths = adapter.widths()  # for the model card's dense-vs-pruned widths
         originals = list(adapter.layers())
         paths = _module_paths(model, originals)
         was_training = model.training
@@ -190,7 +192,9 @@ class ISpaSPPruner:
         report.layer_params_after = count_parameters(list(result_adapter.layers()))
         report.flops_after = count_flops(result, to_device(example, device))
         report.seconds = time.perf_counter() - start
-        _record_metadata(result, result_adapter, self.config, self._added_biases)
+        shapes = example.items() if isinstance(example, dict) else [("input", example)]
+        _record_metadata(result, result_adapter, self.config, self._added_biases, report, dense_widths,
+                         {k: list(v.shape) for k, v in shapes if isinstance(v, torch.Tensor)})
         result.train(was_training)
         self.report = report
         logger.info(
@@ -567,16 +571,30 @@ def _share_config(modules: list[nn.Module], old: Any, new: Any) -> None:
 
 
 def _record_metadata(
-    model: nn.Module, adapter: ModelAdapter, config: PrunerConfig, added_biases: list[str] | None = None
+    model: nn.Module, adapter: ModelAdapter, config: PrunerConfig, added_biases: list[str] | None = None,
+    report: PruningReport | None = None, dense_widths: dict[str, Any] | None = None,
+    flops_input: dict[str, list[int]] | None = None,
 ) -> None:
     """Write the width record (and how it was obtained) into ``model.config`` so ``save_pretrained`` keeps it.
 
     ``added_biases``: modules that the prune gave a bias (FLAP's compensation); ``load_pruned`` recreates them.
+    ``report``, ``dense_widths`` (the adapter's widths before the prune), ``flops_input`` (input shapes of the FLOPs
+    count): summarised for the model card (:func:`~hf_ispasp.record.summarize_prune`, merged with an earlier
+    prune's), with the dense model's Hub id. Card fields set by the user are dropped: they described the
+    model before this prune.
     """
+    target = getattr(model, "config", None)
+    previous = getattr(target, METADATA_KEY, None) if target is not None else getattr(model, "ispasp_metadata", None)
+    previous = previous if isinstance(previous, dict) else {}
     record = {"version": __version__, "widths": adapter.widths(), "pruner_config": config.to_dict()}
     if added_biases:
         record[ADDED_BIASES_KEY] = sorted(added_biases)
-    target = getattr(model, "config", None)
+    base_model = previous.get(BASE_MODEL_KEY) or _hub_id(model)
+    if base_model:
+        record[BASE_MODEL_KEY] = base_model
+    if report is not None:
+        record[SUMMARY_KEY] = summarize_prune(report, dense_widths or {}, flops_input or {},
+                                              previous.get(SUMMARY_KEY))
     if target is not None and hasattr(target, "to_dict"):
         setattr(target, METADATA_KEY, record)
         attach_portable_save(model)  # the plain save_pretrained writes a checkpoint loadable without hf_ispasp
@@ -584,4 +602,11 @@ def _record_metadata(
         model.ispasp_metadata = record
 
 
-
+def _hub_id(model: nn.Module) -> str | None:
+    """The Hub id the dense model was loaded from (transformers ``_name_or_path``, timm ``hf_hub_id``), if any."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if not isinstance(name, str) or not looks_like_hub_id(name) or os.path.exists(os.path.expanduser(name)):
+        return None
+    return name

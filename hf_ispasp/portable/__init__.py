@@ -17,6 +17,11 @@ file of the model's class and names that class in ``auto_map``; a pruned model i
 and its config must not carry the wrong-way field in memory, so the hook does not fit. Instead
 :func:`attach_portable_save` gives the pruned model an instance-level ``save_pretrained`` that runs the
 transformers save and then :func:`finish_checkpoint`; ``save_pruned`` calls :func:`finish_checkpoint` itself.
+
+The same hook writes the model card (:mod:`hf_ispasp.portable.card`: ``README.md`` and a widths picture, never
+over a README.md that hf_ispasp did not write), and a pruned model's ``push_to_hub`` is
+:func:`hf_ispasp.portable.card.push_pruned`: transformers' ``push_to_hub`` would write its own README.md after
+saving, over the card.
 """
 
 from __future__ import annotations
@@ -244,21 +249,53 @@ def finish_checkpoint(model: nn.Module, folder: str | os.PathLike) -> str | None
 
 
 class _PortableSave:
-    """``model.save_pretrained`` of a pruned model: the transformers save, then :func:`finish_checkpoint`."""
+    """``model.save_pretrained`` of a pruned model: the transformers save, :func:`finish_checkpoint`, the card.
+
+    The model card (``README.md`` and its widths picture, :mod:`hf_ispasp.portable.card`) is written unless the
+    folder holds a README.md that hf_ispasp did not write; a card that cannot be built is logged, not raised,
+    because the checkpoint itself is complete by then.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         push = kwargs.pop("push_to_hub", False)
+        hub = ("repo_id", "token", "commit_message", "private", "create_pr")
+        push_kwargs = {k: kwargs.pop(k) for k in hub if k in kwargs}
         type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
-        finish_checkpoint(self.model, save_directory)
-        if push:  # push_to_hub saves again (through this method) into a staging folder and uploads that
-            repo_id = kwargs.get("repo_id") or Path(save_directory).name
-            self.model.push_to_hub(repo_id, token=kwargs.get("token"), commit_message=kwargs.get("commit_message"))
+        kind = finish_checkpoint(self.model, save_directory)
+        if kind is not None and kwargs.get("is_main_process", True):
+            from .card import write_model_card
+
+            try:
+                write_model_card(self.model, save_directory, checkpoint=kind)
+            except Exception as err:  # noqa: BLE001 (the checkpoint is written; a card must not fail the save)
+                logger.warning("hf_ispasp: the model card of %s was not written: %s", save_directory, err)
+        if push:  # as transformers' save_pretrained(push_to_hub=True): the folder name is the default repo
+            repo_id = push_kwargs.pop("repo_id", None) or Path(save_directory).name
+            self.model.push_to_hub(repo_id, **push_kwargs)
+
+
+class _PortablePush:
+    """``model.push_to_hub`` of a pruned model: :func:`hf_ispasp.portable.card.push_pruned` (checkpoint + card).
+
+    transformers' own ``push_to_hub`` writes its README.md after ``save_pretrained``, over the pruning card.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, repo_id: str, **kwargs: Any) -> Any:
+        from .card import push_pruned
+
+        return push_pruned(self.model, repo_id, **kwargs)
 
 
 def attach_portable_save(model: nn.Module) -> None:
-    """Make the ordinary ``model.save_pretrained(folder)`` write a portable checkpoint (instance attribute)."""
+    """Make the ordinary ``model.save_pretrained(folder)`` write a portable checkpoint with its model card, and
+    ``model.push_to_hub(repo_id)`` upload both (instance attributes)."""
     if hasattr(model, "save_pretrained") and hasattr(getattr(model, "config", None), "to_dict"):
         model.save_pretrained = _PortableSave(model)
+        if hasattr(model, "push_to_hub"):
+            model.push_to_hub = _PortablePush(model)
