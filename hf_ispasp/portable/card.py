@@ -225,8 +225,9 @@ def _same_shares(one: tuple[str, list[int], list[int] | None], other: tuple[str,
 def widths_svg(model: nn.Module) -> str:
     """A self-contained SVG of the kept width of every layer (one panel per kind of group), without matplotlib.
 
-    Bars are the kept fraction of the dense width (grey: removed); hovering a bar names the counts. Without a
-    dense record (a model pruned by hf_ispasp before 0.x wrote one) the bars are counts scaled to the widest layer.
+    Bars are the kept fraction of the dense width (grey: removed); hovering a bar names the counts. Without
+    dense widths in the record (written before the pruner stored its summary) the bars are counts, scaled
+    to the widest layer.
     """
     series = _series(_record(model))
     if not series:
