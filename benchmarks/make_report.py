@@ -28,6 +28,7 @@ ORDER = [
     ("peer_torch_pruning", "4. Torch-Pruning side by side"),
     ("pruning_speed", "5. Pruning speed and scaling"),
     ("inference_speed", "6. Inference speed"),
+    ("onnx_latency", "6b. ONNX export and onnxruntime latency"),
     ("train_decoders", "7. Decoders trained here from scratch"),
     ("decoder_perplexity", "8. Decoder LLMs: perplexity against the LLM pruning methods"),
     ("peer_torch_pruning_llm", "9. Torch-Pruning on the decoders"),
@@ -129,8 +130,24 @@ def summary(results_dir: Path) -> str:
                          f"FLOPs x{main['flops_speedup']:.2f}, "
                          f"batch 1 x{main['b1_speedup']:.2f}, batch 32 x{main['b32_speedup']:.2f} ({100 * frac:.0f}% "
                          f"for the worse of the two) -> {'met' if frac >= 0.85 else 'not met'}.")
+    lines += _onnx_summary(results_dir)
     lines += _decoder_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _onnx_summary(results_dir: Path) -> list[str]:
+    """Issue 10's serving point: onnxruntime equals PyTorch, and the dense/compacted latency ratio (from the JSON)."""
+    data = _json(results_dir, "onnx_latency")
+    if not data or not data.get("records"):
+        return []
+    recs = data["records"]
+    cells = "; ".join(f"{r['model']} batch {r['batch']} x{r['speedup']:.2f} (IQR {r['speedup_q25']:.2f}-"
+                      f"{r['speedup_q75']:.2f})" for r in recs)
+    worst = max(max(r["dense_max_abs_diff"], r["pruned_max_abs_diff"]) for r in recs)
+    matches = all(r["checks_ok"] for r in recs)
+    return [f"- ONNX export at 0.5/0.75, onnxruntime CPU speedup compacted vs dense: {cells}. onnxruntime outputs "
+            f"{'match' if matches else 'do NOT match'} PyTorch on every timed batch (max abs difference "
+            f"{worst:.1e})."]
 
 
 def _decoder_summary(results_dir: Path) -> list[str]:

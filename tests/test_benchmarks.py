@@ -166,3 +166,22 @@ def test_engine_shapes_decoder(tmp_path: Path) -> None:
     (rec,) = json.loads((tmp_path / "engine_shapes.json").read_text())["records"]
     assert rec["shape"] == "tiny-llama" and rec["pruned_mb"] < rec["model_mb"]
     assert rec["same_as_cpu"] == rec["blocks"]  # the selection of the CPU float64 reference
+
+
+@pytest.mark.slow  # four exports of about 15 s each on a shared 2-core machine; tests/test_onnx.py is the fast check
+def test_onnx_latency(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import onnx_latency
+
+    assert onnx_latency.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    recs = _load(tmp_path, "onnx_latency")["records"]
+    assert [(r["model"], r["batch"]) for r in recs] == [(m, b) for m, bs in onnx_latency.BATCHES.items() for b in bs]
+    for r in recs:
+        # onnxruntime computes what PyTorch computes, at batch sizes and lengths the export never saw
+        assert r["checks_ok"] and max(r["dense_max_abs_diff"], r["pruned_max_abs_diff"]) <= r["atol"]
+        assert r["pruned_params"] < r["dense_params"] and r["pruned_mb"] < r["dense_mb"]
+        assert r["speedup_min"] <= r["speedup_q25"] <= r["speedup"] <= r["speedup_q75"] <= r["speedup_max"]
+        assert r["pairs"] >= 2 and r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["flops_speedup"] > 1
+    text = (tmp_path / "onnx_latency.md").read_text()
+    assert f"{recs[0]['speedup']:.2f} ({recs[0]['speedup_q25']:.2f}-{recs[0]['speedup_q75']:.2f})" in text
