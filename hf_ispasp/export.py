@@ -65,12 +65,14 @@ class _Exportable(nn.Module):
         self.output_names = list(output_names) if output_names is not None else None
         self.extra = dict(extra)
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def raw(self, *tensors: torch.Tensor) -> Any:
+        """The model's own output (a ``ModelOutput`` or tensor) for the inputs in ``input_names`` order."""
         if self.input_names == [""]:  # a timm model: one positional image tensor
-            out = self.model(*tensors)
-        else:
-            out = self.model(**dict(zip(self.input_names, tensors, strict=True)), **self.extra)
-        named = _named_outputs(out)
+            return self.model(*tensors)
+        return self.model(**dict(zip(self.input_names, tensors, strict=True)), **self.extra)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        named = _named_outputs(self.raw(*tensors))
         if self.output_names is None:
             return tuple(named.values())
         return tuple(named[name] for name in self.output_names)
@@ -179,7 +181,8 @@ def export_onnx(
         example_inputs: What the model is traced with: a dict of tensors for transformers models (its keys become
             the ONNX input names; batch and sequence axes at least 2 long), one image tensor for timm models.
             Default: random ``input_ids`` and ``attention_mask`` of shape (2, 8) (no ``token_type_ids``: pass
-            them here for sentence pairs), or a batch of 2 images of the timm ``input_size``.
+            them here for sentence pairs); ``pixel_values`` of 2 images for transformers vision models; 2 images
+            of the timm ``input_size`` for timm models. Made on the device of the model's first parameter.
         opset_version: ONNX opset; default: the exporter's.
 
     Returns:
@@ -197,16 +200,21 @@ def export_onnx(
     target = Path(path).absolute()
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a folder: pass the path of the .onnx file, e.g. {target}/model.onnx")
-    named = _as_named(example_inputs if example_inputs is not None else _default_inputs(model))
+    if example_inputs is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example_inputs = _default_inputs(model)
+        example_inputs = (example_inputs.to(device) if isinstance(example_inputs, torch.Tensor)
+                          else {k: v.to(device) for k, v in example_inputs.items()})
+    named = _as_named(example_inputs)
     dynamic = _dynamic_shapes(named)
     input_names = ["input"] if list(named) == [""] else list(named)
+    extra = _extra_kwargs(model)
     was_training = model.training
     model.eval()
     try:
-        wrapper = _Exportable(model, list(named), None, _extra_kwargs(model)).eval()
-        with torch.no_grad():
-            output_names = list(_named_outputs(_call_named(wrapper, named)))
-        wrapper.output_names = output_names
+        with torch.no_grad():  # one forward names the outputs after the model's output fields
+            output_names = list(_named_outputs(_Exportable(model, list(named), None, extra).raw(*named.values())))
+        wrapper = _Exportable(model, list(named), output_names, extra).eval()
         program = _export(wrapper, tuple(named.values()), input_names, output_names, dynamic, opset_version)
     finally:
         model.train(was_training)
@@ -218,13 +226,6 @@ def export_onnx(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _call_named(wrapper: _Exportable, named: Mapping[str, torch.Tensor]) -> Any:
-    """The wrapped model's raw output (a ``ModelOutput`` or tensor), used to name the graph's outputs."""
-    if wrapper.input_names == [""]:
-        return wrapper.model(*named.values())
-    return wrapper.model(**named, **wrapper.extra)
 
 
 def _export(wrapper: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
@@ -341,7 +342,7 @@ def check_onnx(
     model.eval()
     try:
         with torch.no_grad():
-            expected = _named_outputs(_call_named(wrapper, named))
+            expected = _named_outputs(wrapper.raw(*named.values()))
     finally:
         model.train(was_training)
     feeds = {runner.input_names[0]: named[""]} if list(named) == [""] else named

@@ -214,3 +214,18 @@ def test_uniform_decoder_config_is_what_serving_engines_read(tmp_path):
     batch = _batch(3, 7, left=True)
     with torch.no_grad():
         torch.testing.assert_close(stock(**batch).logits, model(**batch).logits)
+
+
+def test_pruned_timm_model_round_trip(tmp_path):
+    """timm models export too: one image input, a dynamic batch axis, the default example from ``input_size``."""
+    from vision_fixtures import IMAGE_SIZE, tiny_vision_models
+
+    images = torch.randn(24, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    config = PrunerConfig(ffn_keep_ratio=0.5, show_progress=False, layer_overrides={0: {"ffn_keep_ratio": 0.75}})
+    model = ISpaSPPruner(tiny_vision_models()["ResNet"](), config).prune([images])
+    assert adapter_for(model).widths()["layers"] == [[6], [6], [8], [10]]  # of 8, 12, 16, 20 channels
+    path = export_onnx(model, tmp_path / "resnet.onnx")
+    assert _dims(path)["input"] == ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]
+    for batch in (3, 5):
+        check = check_onnx(path, model, images[:batch])
+        assert check.ok and check.shapes == {"logits": (batch, 3)}, check
