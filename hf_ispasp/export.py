@@ -36,7 +36,6 @@ from torch import nn
 
 __all__ = ["OnnxCheck", "OnnxRunner", "check_onnx", "export_onnx"]
 
-INSTALL_HINT = "pip install hf_ispasp[onnx]"
 # Inputs whose second axis is the token axis (all other inputs get a dynamic batch axis only).
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _EXAMPLE_BATCH, _EXAMPLE_LENGTH = 2, 8
@@ -51,7 +50,8 @@ def _require(*names: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ImportError(f"ONNX support needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
+        raise ImportError(f"ONNX support needs {', '.join(missing)}, which is not installed; "
+                          "pip install 'hf_ispasp[onnx]'")
 
 
 class _Exportable(nn.Module):

@@ -128,10 +128,10 @@ def test_latency_ratio_times_onnx_sessions(encoder, decoder):
 def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path, encoder):
     model, path = encoder
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    with pytest.raises(ImportError, match=r"onnxscript.*pip install hf_ispasp\[onnx\]"):
+    with pytest.raises(ImportError, match=r"onnxscript.*pip install 'hf_ispasp\[onnx\]'"):
         export_onnx(model, tmp_path / "m.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(ImportError, match=r"onnxruntime.*pip install hf_ispasp\[onnx\]"):
+    with pytest.raises(ImportError, match=r"onnxruntime.*pip install 'hf_ispasp\[onnx\]'"):
         check_onnx(path, model, _batch(2, 4))
     assert not list(tmp_path.iterdir())
 
