@@ -29,6 +29,7 @@ ORDER = [
     ("pruning_speed", "5. Pruning speed and scaling"),
     ("inference_speed", "6. Inference speed"),
     ("onnx_latency", "6b. ONNX export and onnxruntime latency"),
+    ("load_memory", "6c. Memory of loading a pruned checkpoint"),
     ("train_decoders", "7. Decoders trained here from scratch"),
     ("decoder_perplexity", "8. Decoder LLMs: perplexity against the LLM pruning methods"),
     ("peer_torch_pruning_llm", "9. Torch-Pruning on the decoders"),
@@ -131,6 +132,7 @@ def summary(results_dir: Path) -> str:
                          f"batch 1 x{main['b1_speedup']:.2f}, batch 32 x{main['b32_speedup']:.2f} ({100 * frac:.0f}% "
                          f"for the worse of the two) -> {'met' if frac >= 0.85 else 'not met'}.")
     lines += _onnx_summary(results_dir)
+    lines += _load_summary(results_dir)
     lines += _decoder_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -148,6 +150,18 @@ def _onnx_summary(results_dir: Path) -> list[str]:
     return [f"- ONNX export at 0.5/0.75, onnxruntime CPU speedup compacted vs dense: {cells}. onnxruntime outputs "
             f"{'match' if matches else 'do NOT match'} PyTorch on every timed batch (max abs difference "
             f"{worst:.1e})."]
+
+
+def _load_summary(results_dir: Path) -> list[str]:
+    """Issue 10's loading point: peak memory of ``load_pruned`` <= 1.2x the pruned model (from the JSON)."""
+    data = _json(results_dir, "load_memory")
+    recs = [r for r in (data or {}).get("records", []) if r["method"] == "load_pruned"]
+    if not recs:
+        return []
+    worst = max(r["ratio"] for r in recs)
+    cells = "; ".join(f"{r['model']} {r['ratio']:.2f}x" for r in recs)
+    return [f"- Peak memory of `load_pruned` against the pruned model's size: {cells} -> target '<= 1.2x' "
+            f"{'met' if worst <= 1.2 else 'not met'}."]
 
 
 def _decoder_summary(results_dir: Path) -> list[str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OWN = ["synthetic", "selection_rules", "calibration_size", "peer_torch_pruning", "pruning_speed",
-       "engine_shapes", "inference_speed", "train_decoders", "decoder_perplexity", "peer_torch_pruning_llm"]
+       "engine_shapes", "inference_speed", "onnx_latency", "load_memory", "train_decoders", "decoder_perplexity",
+       "peer_torch_pruning_llm"]
 OTHERS = ["finetune_recovery", "vision_efficientnet"]  # written by other engineers: plain invocation
 SCRIPTS = OWN + OTHERS
 

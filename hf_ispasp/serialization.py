@@ -24,15 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from . import timm_format
 from .adapters import adapter_for
 from .atomic import CheckpointFolderError, atomic_directory, readable_folder
-from .portable import attach_portable_save, clear_portable_fields, finish_checkpoint
+from .portable import attach_portable_save, clear_portable_fields, finish_checkpoint, write_card
 from .record import METADATA_KEY
-from .strict_load import CheckpointMismatchError, load_state_dict_checked
+from .strict_load import CheckpointMismatchError, empty_skeleton, load_state_dict_checked, read_safetensors
 
 __all__ = [
     "ADDED_BIASES_KEY",
@@ -138,7 +137,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
 
     def save(tmp: str) -> None:
         type(model).save_pretrained(model, tmp, **kwargs)  # the transformers save, then the portable part
-        finish_checkpoint(model, tmp)
+        write_card(model, tmp, finish_checkpoint(model, tmp), target=path)  # never over the user's README.md
 
     atomic_directory(path, with_tokenizer(save))
 
@@ -212,8 +211,6 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
             return load(path, torch_dtype=torch_dtype)
     import transformers
     from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -232,7 +229,7 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                      for name in getattr(config, "architectures", None) or []]  # a re-saved remote-code model
     if not architectures or not hasattr(transformers, architectures[0]):
         raise ValueError(f"config.json of {path} names no known model class (architectures={architectures})")
-    with no_init_weights():
+    with empty_skeleton():  # parameters on the meta device: no dense detour
         model = getattr(transformers, architectures[0])(config)
     adapter_for(model).apply_widths(record["widths"])
     restore_added_biases(model, record)
@@ -240,13 +237,12 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
         model.tie_weights()  # tied parameters are stored once; tie first so the strict check knows the aliases
     state: dict[str, torch.Tensor] = {}
     for file in _state_dict_files(path):
-        state.update(load_file(file))
+        state.update(read_safetensors(file, torch_dtype))
     state = _to_module_names(model, state)
     dtype = torch_dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model.to(dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}  # one dtype, as before
+    model.to(dtype)  # the real buffers (meta parameters cost nothing)
     load_state_dict_checked(model, state, path)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     model.eval()
     attach_portable_save(model)
     return model

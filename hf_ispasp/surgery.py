@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D, prune_linear_layer
+from transformers.pytorch_utils import Conv1D
 
 from .algorithm import group_columns
 
@@ -70,24 +70,28 @@ def _is_channel_norm(module: nn.Module) -> bool:
 
 def slice_linear_out(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep output features ``index`` (rows of the weight and the bias)."""
-    return _keep_requires_grad(prune_linear_layer(layer, index.to(layer.weight.device), dim=0), layer)
+    return _slice_linear(layer, index, 0)
 
 
 def slice_linear_in(layer: nn.Linear, index: torch.Tensor) -> nn.Linear:
     """Keep input features ``index`` (columns of the weight); the bias is unchanged."""
-    return _keep_requires_grad(prune_linear_layer(layer, index.to(layer.weight.device), dim=1), layer)
+    return _slice_linear(layer, index, 1)
 
 
-def _keep_requires_grad(new: nn.Linear, old: nn.Linear) -> nn.Linear:
-    """Give the sliced layer the old dtype and the old parameters' ``requires_grad``.
+def _slice_linear(layer: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new ``nn.Linear`` holding the kept slice, with the old dtype, device and ``requires_grad``.
 
-    ``prune_linear_layer`` builds fresh parameters with ``requires_grad=True``: a frozen (or partly frozen)
-    model would come back trainable, and an optimiser built from ``requires_grad`` would update it.
+    Built on the meta device and then given the slices: no randomly initialised layer is ever allocated (a
+    pruned-size allocation per layer would stay resident in a ``load_pruned`` of a large model), and a frozen
+    model stays frozen (transformers' ``prune_linear_layer`` returns trainable parameters).
     """
-    new = new.to(old.weight.dtype)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    if new.bias is not None and old.bias is not None:
-        new.bias.requires_grad_(old.bias.requires_grad)
+    weight = layer.weight.detach().index_select(dim, index.to(layer.weight.device)).clone()
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device="meta")
+    new.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+    if layer.bias is not None:
+        bias = layer.bias.detach()
+        bias = bias.index_select(0, index.to(bias.device)) if dim == 0 else bias
+        new.bias = nn.Parameter(bias.clone(), requires_grad=layer.bias.requires_grad)
     return new
 
 
@@ -144,11 +148,11 @@ def slice_conv1d_in(layer: Conv1D, index: torch.Tensor) -> Conv1D:
 
 def slice_norm(norm: nn.Module, index: torch.Tensor) -> nn.Module:
     """Keep channels ``index`` of a BatchNorm / LayerNorm / GroupNorm-free affine norm, in place."""
-    index = index.to(next(iter(norm.parameters()), torch.empty(0)).device)
-    for name in ("weight", "bias"):
+    for name in ("weight", "bias"):  # parameters and running statistics may be on different devices (meta skeleton)
         param = getattr(norm, name, None)
         if isinstance(param, nn.Parameter):
-            setattr(norm, name, nn.Parameter(param.data.index_select(0, index).clone(), param.requires_grad))
+            kept = param.data.index_select(0, index.to(param.device)).clone()
+            setattr(norm, name, nn.Parameter(kept, param.requires_grad))
     for name in ("running_mean", "running_var"):
         buf = getattr(norm, name, None)
         if isinstance(buf, torch.Tensor):

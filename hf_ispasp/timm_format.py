@@ -12,11 +12,11 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import adapter_for
-from .strict_load import load_state_dict_checked
+from .strict_load import empty_skeleton, load_state_dict_checked, read_safetensors
 from .version import __version__
 
 __all__ = [
@@ -88,7 +88,7 @@ def is_timm_folder(path: str) -> bool:
 
 
 def load_timm_pruned(path: str, torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a timm model saved by :func:`save_timm_pruned`: dense skeleton, recorded widths, strict load."""
+    """Rebuild a timm model saved by :func:`save_timm_pruned`: meta skeleton, recorded widths, strict load."""
     try:
         import timm
     except ImportError as err:
@@ -97,10 +97,12 @@ def load_timm_pruned(path: str, torch_dtype: torch.dtype | None = None) -> nn.Mo
         record = json.load(f)
     if record.get("format") != TIMM_FORMAT:
         raise ValueError(f"{path}: record format {record.get('format')!r} is not {TIMM_FORMAT!r}")
-    model = timm.create_model(record["architecture"], pretrained=False, **record.get("model_kwargs", {}))
+    with empty_skeleton():  # parameters on the meta device: no dense detour
+        model = timm.create_model(record["architecture"], pretrained=False, **record.get("model_kwargs", {}))
     adapter_for(model).apply_widths(record["widths"])
-    state = load_file(os.path.join(path, WEIGHTS))
+    state = read_safetensors(os.path.join(path, WEIGHTS), torch_dtype)
     dtype = torch_dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.to(dtype)
     load_state_dict_checked(model, state, path)
     model.ispasp_metadata = {

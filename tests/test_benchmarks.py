@@ -185,3 +185,15 @@ def test_onnx_latency(tmp_path: Path) -> None:
         assert r["pairs"] >= 2 and r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["flops_speedup"] > 1
     text = (tmp_path / "onnx_latency.md").read_text()
     assert f"{recs[0]['speedup']:.2f} ({recs[0]['speedup_q25']:.2f}-{recs[0]['speedup_q75']:.2f})" in text
+
+
+@pytest.mark.slow  # four loads, each in a fresh process (about 10 s each on a shared 2-core machine)
+def test_load_memory(tmp_path: Path) -> None:
+    import load_memory
+
+    assert load_memory.main(["--tiny", "--repeats", "1", "--output-dir", str(tmp_path)]) == 0
+    recs = _load(tmp_path, "load_memory")["records"]
+    assert {r["method"] for r in recs} == set(load_memory.METHODS)
+    for r in recs:
+        assert r["checkpoint"] == "remote code" and r["finite"]  # non-uniform widths: the remote-code path
+        assert 0 < r["size_mb"] < r["dense_mb"] and r["peak_extra_mb"] > 0

@@ -132,7 +132,8 @@ def test_save_keeps_foreign_files_and_replaces_only_ours(pruned, tmp_path):
     save_pruned(pruned, target)
     assert not (target / "extra.json").exists()
     assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "modeling_pruned.py", "my_data.csv", "notes", "train.py"]
+        "README.md", "config.json", "ispasp_widths.svg", "model.safetensors", "modeling_pruned.py", "my_data.csv",
+        "notes", "train.py"]
     assert [p.name for p in tmp_path.iterdir()] == ["project"]  # no staging folder left behind
 
 
@@ -217,3 +218,97 @@ def test_load_pruned_of_a_missing_folder_names_it(tmp_path):
         load_pruned(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
         load_pruned("./outputs/missing-model")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_read_safetensors_equals_the_safetensors_reader(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from hf_ispasp.strict_load import read_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b.c": torch.randn(7, generator=gen) * 100,
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    ours, theirs = read_safetensors(tmp_path / "w.safetensors"), load_file(tmp_path / "w.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key])
+    cast = read_safetensors(tmp_path / "w.safetensors", torch.float64)
+    assert cast["a"].dtype == (torch.float64 if dtype.is_floating_point else dtype)
+    torch.testing.assert_close(cast["a"], theirs["a"].to(cast["a"].dtype))
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_ispasp.strict_load import read_safetensors
+
+    save_file({"w": torch.ones(100, 100)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        read_safetensors(tmp_path / "w.safetensors")
+
+
+_PEAK = r"""
+import json, sys
+import hf_ispasp, torch, transformers
+transformers.BertForSequenceClassification
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+rss, virtual = status("VmRSS"), status("VmSize")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+model = hf_ispasp.load_pruned(sys.argv[1])
+touched = sum(float(p.sum()) for p in model.parameters())
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"ratio": (status("VmHWM") - rss) / size, "virtual": status("VmPeak") - virtual}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_load_costs_the_pruned_size_and_builds_no_dense_model(tmp_path):
+    """Peak resident memory <= 1.2x the pruned model, and the dense model (8 GiB of FFN weights) is never reserved.
+
+    Building a layer reserves (virtual memory, never touched) one dense parameter at a time before it moves to the
+    meta device: 2 GiB here.
+    """
+    import subprocess
+    import sys
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_ispasp import adapter_for
+    from hf_ispasp.record import METADATA_KEY
+
+    torch.manual_seed(0)
+    small = BertForSequenceClassification(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=128, vocab_size=200_000))  # ~100 MB
+    adapter = adapter_for(small)
+    ffn = next(block for block in adapter.blocks(1) if block.kind == "ffn")
+    adapter.compact(ffn, torch.arange(96))  # non-uniform widths: the config keeps the dense width
+    small.config.intermediate_size = 2**22
+    setattr(small.config, METADATA_KEY, {"version": "test", "widths": adapter.widths()})
+    save_pruned(small, tmp_path / "ckpt")
+    assert load_pruned(tmp_path / "ckpt").bert.encoder.layer[1].intermediate.dense.out_features == 96
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          check=True)
+    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    assert peak["ratio"] <= 1.2, f"peak memory of the load is {peak['ratio']:.2f}x the pruned model"
+    assert peak["virtual"] < 3 * 2**30, f"the load reserved {peak['virtual'] / 2**30:.1f} GiB: a dense model was built"
+
+
+def test_save_pruned_writes_the_card_but_never_over_a_user_readme(pruned, tmp_path):
+    save_pruned(pruned, tmp_path / "a")
+    assert "i-spasp" in (tmp_path / "a" / "README.md").read_text()
+    save_pruned(pruned, tmp_path / "a")  # our own card is replaced
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "README.md").write_text("my notes")
+    save_pruned(pruned, tmp_path / "b")
+    assert (tmp_path / "b" / "README.md").read_text() == "my notes"
+    assert (tmp_path / "b" / "config.json").exists()

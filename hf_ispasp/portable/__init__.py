@@ -49,6 +49,7 @@ __all__ = [
     "finish_checkpoint",
     "plain_config_updates",
     "render_modeling_file",
+    "write_card",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,23 @@ def finish_checkpoint(model: nn.Module, folder: str | os.PathLike) -> str | None
     return kind
 
 
+def write_card(model: nn.Module, folder: str | os.PathLike, kind: str | None,
+               target: str | os.PathLike | None = None) -> None:
+    """The model card beside a checkpoint that :func:`finish_checkpoint` made portable (``kind``), if it can be built.
+
+    A card that cannot be built is logged, not raised: the checkpoint itself is complete by then. ``target``: see
+    :func:`hf_ispasp.portable.card.write_model_card`.
+    """
+    if kind is None:
+        return
+    from .card import write_model_card
+
+    try:
+        write_model_card(model, folder, target=target, checkpoint=kind)
+    except Exception as err:  # noqa: BLE001 (the checkpoint is written; a card must not fail the save)
+        logger.warning("hf_ispasp: the model card of %s was not written: %s", target or folder, err)
+
+
 class _PortableSave:
     """``model.save_pretrained`` of a pruned model: the transformers save, :func:`finish_checkpoint`, the card.
 
@@ -265,13 +283,8 @@ class _PortableSave:
         push_kwargs = {k: kwargs.pop(k) for k in hub if k in kwargs}
         type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
         kind = finish_checkpoint(self.model, save_directory)
-        if kind is not None and kwargs.get("is_main_process", True):
-            from .card import write_model_card
-
-            try:
-                write_model_card(self.model, save_directory, checkpoint=kind)
-            except Exception as err:  # noqa: BLE001 (the checkpoint is written; a card must not fail the save)
-                logger.warning("hf_ispasp: the model card of %s was not written: %s", save_directory, err)
+        if kwargs.get("is_main_process", True):
+            write_card(self.model, save_directory, kind)
         if push:  # as transformers' save_pretrained(push_to_hub=True): the folder name is the default repo
             repo_id = push_kwargs.pop("repo_id", None) or Path(save_directory).name
             self.model.push_to_hub(repo_id, **push_kwargs)

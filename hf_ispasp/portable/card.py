@@ -538,14 +538,16 @@ def _ours(path: Path, marker: str) -> bool:
     return marker in path.read_text(encoding="utf-8", errors="replace")
 
 
-def write_model_card(model: nn.Module, folder: str | os.PathLike, **kwargs: Any) -> bool:
+def write_model_card(model: nn.Module, folder: str | os.PathLike, target: str | os.PathLike | None = None,
+                     **kwargs: Any) -> bool:
     """Write ``README.md`` (:func:`model_card`) and :data:`WIDTHS_PICTURE` into ``folder``; ``False`` if not written.
 
     A ``README.md`` that hf_ispasp did not write (no :data:`CARD_MARKER`) is left as it is, and so is a picture
-    file of that name that we did not write. ``kwargs`` go to :func:`model_card`.
+    file of that name that we did not write. ``target``: the folder whose files decide that, when ``folder`` is
+    a staging folder that will be moved onto it (``save_pruned``). ``kwargs`` go to :func:`model_card`.
     """
-    folder = Path(folder)
-    readme, picture = folder / README, folder / WIDTHS_PICTURE
+    folder, existing = Path(folder), Path(target if target is not None else folder)
+    readme, picture = existing / README, existing / WIDTHS_PICTURE
     if readme.exists() and not _ours(readme, CARD_MARKER):
         logger.info("%s was not written by hf_ispasp: the model card is not written over it", readme)
         return False
@@ -554,8 +556,8 @@ def write_model_card(model: nn.Module, folder: str | os.PathLike, **kwargs: Any)
         if picture.exists() and not _ours(picture, _SVG_MARKER):
             logger.warning("%s was not written by hf_ispasp: left as it is (the card shows it)", picture)
         else:
-            picture.write_text(widths_svg(model), encoding="utf-8")
-    card.save(readme)
+            (folder / WIDTHS_PICTURE).write_text(widths_svg(model), encoding="utf-8")
+    card.save(folder / README)
     return True
 
 
