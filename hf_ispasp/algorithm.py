@@ -39,6 +39,7 @@ __all__ = [
     "ieee_float32",
     "refit_projection",
     "residual_after_refit",
+    "residual_curve",
     "select_groups",
     "validate_refit",
 ]
@@ -248,13 +249,14 @@ class _Problem:
             return torch.diagonal(self.group_energy())
         raise ValueError(f"unknown score {kind!r}")
 
-    def residual_threshold(self, merged: torch.Tensor, keep: int, partitions: int = 1) -> torch.Tensor:
+    def residual_threshold(self, merged: torch.Tensor, keep: int, partitions: int = 1,
+                           path: list[tuple[int, float]] | None = None) -> torch.Tensor:
         """Backward elimination on the merged support with the exact residual (no re-solve).
 
         One group leaves per step, so the loop is inherently sequential: it runs on the host on a cached copy of
         the group-level energy (a GPU would spend its time launching a handful of tiny kernels per step), after
         ``E m`` is formed where the statistics live. With ``partitions``, a run at ``keep / partitions`` groups
-        loses no more.
+        loses no more. ``path`` receives ``(groups kept, residual)`` at the start and after every step.
         """
         g = self.group_size
         energy_t, self_energy = self._host_energy()
@@ -264,6 +266,9 @@ class _Problem:
         remaining = int(candidate.sum())
         run = np.arange(self.num_groups) // (self.num_groups // partitions)
         counts = np.bincount(run[candidate], minlength=partitions)
+        if path is not None:
+            residual = self.residual(merged)
+            path.append((remaining, residual))
         while remaining > keep:
             # Residual increase when group j joins the dropped set: 2 (E m)_j + E_jj (ties: the lower index).
             movable = candidate & (counts[run] > keep // partitions) if partitions > 1 else candidate
@@ -273,6 +278,9 @@ class _Problem:
             counts[run[drop]] -= 1
             remaining -= 1
             energy_m += energy_t[drop]
+            if path is not None:
+                residual += float(increase[drop])
+                path.append((remaining, residual))
         return torch.from_numpy(np.flatnonzero(candidate)).to(merged.device)
 
     def group_energy(self) -> torch.Tensor:
@@ -289,7 +297,7 @@ class _Problem:
 
     def refit_threshold(
         self, merged: torch.Tensor, keep: int, centered: bool, damping: float, anchored: bool = False,
-        partitions: int = 1,
+        partitions: int = 1, path: list[tuple[int, float]] | None = None, steps: int = 16,
     ) -> tuple[torch.Tensor, float]:
         """Backward elimination on the merged support scored by the residual *after* the least-squares re-fit.
 
@@ -304,6 +312,9 @@ class _Problem:
         group, so the same downdates apply and that charge is subtracted from the cost; the returned value is
         the ridge objective ``||Y - H_S W'^T||^2 + ridge ||W' - W_S||^2`` (summed over tokens). With
         ``partitions``, a chunk takes the cheapest groups whose run stays at ``keep / partitions`` or more.
+
+        ``path``: receives ``(groups kept, residual after re-fit)`` at the start and after every chunk (the
+        residual curve of :func:`residual_curve`); ``steps``: the number of chunks.
         """
         g, n = self.group_size, max(float(self.stats.count), 1.0)
         cov = _moments(self.stats, centered)[1]
@@ -318,7 +329,18 @@ class _Problem:
             cross = cross + ridge * self.weight[:, cols].T
         coef = inv @ cross  # Z
         kept = support
-        chunk = max(1, (len(support) - keep) // 16)  # 16 downdates: matrix-matrix work, near-greedy quality
+        total = float((self.weight @ cov * self.weight).sum())
+
+        def objective() -> float:
+            explained = float((cross * coef).sum())
+            if not anchored:
+                return max(total - explained, 0.0) * n
+            dropped = float(column_sq.sum() - column_sq[group_columns(kept, g)].sum())
+            return max(total + ridge * float(column_sq.sum()) - explained - ridge * dropped, 0.0) * n
+
+        if path is not None:
+            path.append((len(kept), objective()))
+        chunk = max(1, (len(support) - keep) // steps)  # 16 downdates: matrix-matrix work, near-greedy quality
         while len(kept) > keep:
             m = len(kept)
             zb = coef.reshape(m, g, -1)
@@ -347,13 +369,43 @@ class _Problem:
             coef = coef[rest] - p_rj @ solved[:, len(rest) :]
             cross = cross[rest]
             kept = kept[stay]
-        explained = float((cross * coef).sum())
-        total = float((self.weight @ cov * self.weight).sum())
-        if not anchored:
-            return kept, max(total - explained, 0.0) * n
-        dropped = float(column_sq.sum() - column_sq[group_columns(kept, g)].sum())
-        augmented = total + ridge * float(column_sq.sum())
-        return kept, max(augmented - explained - ridge * dropped, 0.0) * n
+            if path is not None:
+                path.append((len(kept), objective()))
+        return kept, objective()
+
+
+def residual_curve(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    group_size: int,
+    *,
+    refit: bool = True,
+    centered: bool = True,
+    damping: float = 1e-4,
+    anchored: bool = False,
+    partitions: int = 1,
+    steps: int = 32,
+) -> tuple[list[int], list[float]]:
+    """How the block's output error grows as groups leave: ``(groups kept, residual)`` from all groups down to one
+    per run (summed over tokens, as :attr:`SelectionResult.residual`).
+
+    Backward elimination from the full support by the residual after the least-squares re-fit (``refit``; in
+    ``steps`` chunks of matrix-matrix downdates) or by the exact residual without re-fit (one group per step).
+    A budget allocation reads where width is cheap to remove from these curves (:mod:`hf_ispasp.allocation`).
+    """
+    if stats.width % group_size:
+        raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
+    problem = _Problem(stats, weight, group_size)
+    n = problem.num_groups
+    check_partitions(n, partitions, partitions)
+    everything = torch.arange(n, device=problem.gram.device)
+    path: list[tuple[int, float]] = []
+    if refit:
+        problem.refit_threshold(everything, partitions, centered, damping, anchored, partitions, path, steps)
+    else:
+        problem.residual_threshold(everything, partitions, partitions, path)
+    counts, residuals = zip(*path, strict=True)
+    return list(counts), list(residuals)
 
 
 def select_groups(

@@ -1,19 +1,40 @@
-"""Budgets stated as a cost target: the keep ratio that brings a model to a fraction of its dense FLOPs."""
+"""Budgets stated as a cost target: what each block's groups cost, and the widths that meet a FLOPs/params target.
+
+A layer's FLOPs and parameters are multilinear in its blocks' kept groups (linear per block; a conv between two
+pruned widths costs their product; the hidden size is never pruned, so layers do not interact). Weight-free cuts
+of one layer copy at a time, every block dense or halved, price every width exactly (:func:`block_costs`); the
+error curves of the dense model's blocks come from one extra calibration pass (:func:`error_curves`); the
+allocation itself is pure arithmetic (:mod:`hf_ispasp.allocation`). FLOPs are counted at the adapter's
+reference input (``adapter.example_inputs()``: one sequence of 128 tokens for text models, one image at the
+model's input size).
+"""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from .adapters.base import adapter_for
+from .algorithm import residual_curve
+from .allocation import BudgetBlock, allocate
 from .config import kept_count
-from .metrics import count_flops
+from .metrics import count_flops, count_parameters, flop_counter
+from .offload import execution_device, has_offload, materialized_copy
 from .partitions import first_per_run
+from .statistics import ActivationCache, capture_layer_inputs, collect_block_statistics, hidden_energy, propagate
 
-__all__ = ["ffn_ratio_for_flops", "uniform_compaction"]
+__all__ = ["BlockCosts", "LayerPrice", "block_costs", "budget_blocks", "error_curves", "ffn_ratio_for_flops",
+           "uniform_compaction", "widths_for_target"]
+
+METRICS = ("flops", "params")
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +93,236 @@ def uniform_compaction(model: nn.Module, ffn_keep_ratio: float, head_keep_ratio:
             if keep < block.num_groups:
                 adapter.compact(block, first_per_run(block.num_groups, keep // block.partitions, block.partitions))
     return candidate
+
+
+@dataclass
+class LayerPrice:
+    """The cost of one layer as a function of its blocks' kept groups, from measurements at every corner (each
+    block dense or cut to ``half``): FLOPs and parameters are multilinear in the widths (a conv between two pruned
+    widths costs their product), so multilinear interpolation through the corners is exact."""
+
+    names: list[str]
+    dense: list[int]
+    half: list[int]
+    corners: dict[str, np.ndarray]  # metric -> cost at each corner, shape (2,) * len(names); index 1 = cut
+
+    def value(self, metric: str, widths: Mapping[str, int]) -> float:
+        table = self.corners[metric]
+        for name, dense, half in zip(self.names, self.dense, self.half, strict=True):
+            t = (dense - widths.get(name, dense)) / (dense - half)
+            table = np.take(table, 0, axis=0) * (1 - t) + np.take(table, 1, axis=0) * t
+        return float(table)
+
+
+@dataclass
+class BlockCosts:
+    """What a model costs (``dense[metric]``) and, layer by layer, how that changes with the kept groups."""
+
+    dense: dict[str, float]
+    layers: list[LayerPrice]
+    num_groups: dict[str, int]  # every block, priced or not (a block at one group per run is not)
+
+    def __post_init__(self) -> None:
+        self._layer_of = {name: layer for layer in self.layers for name in layer.names}
+        full = {name: count for layer in self.layers for name, count in zip(layer.names, layer.dense, strict=True)}
+        self._fixed = {m: self.dense[m] - sum(layer.value(m, full) for layer in self.layers) for m in METRICS}
+
+    def predict(self, metric: str, widths: Mapping[str, int]) -> float:
+        """The cost of the model with these kept groups per block (the others dense)."""
+        return self._fixed[metric] + sum(layer.value(metric, widths) for layer in self.layers)
+
+    def pricing(self, metric: str) -> MetricPricing:
+        """The :class:`~hf_ispasp.allocation.Pricing` of ``metric`` for the allocation."""
+        return MetricPricing(self, metric)
+
+
+@dataclass
+class MetricPricing:
+    """:class:`BlockCosts` seen through one metric, changes computed on the changed block's layer only."""
+
+    costs: BlockCosts
+    metric: str
+
+    def total(self, widths: Mapping[str, int]) -> float:
+        return self.costs.predict(self.metric, widths)
+
+    def change(self, widths: Mapping[str, int], name: str, new: int) -> float:
+        layer = self.costs._layer_of.get(name)
+        if layer is None:
+            return 0.0
+        return layer.value(self.metric, {**widths, name: new}) - layer.value(self.metric, widths)
+
+    def partners(self, name: str) -> list[str]:
+        layer = self.costs._layer_of.get(name)
+        return [other for other in layer.names if other != name] if layer is not None else []
+
+
+def _call(model: nn.Module, inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        model(*inputs)
+    else:
+        model(inputs)
+
+
+def _layer_paths(model: nn.Module, adapter: Any) -> list[str]:
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    return [names[id(layer)] for layer in adapter.layers()]
+
+
+@torch.no_grad()
+def block_costs(model: nn.Module, inputs: Any = None, options: Any = None) -> BlockCosts:
+    """Price the blocks one layer at a time: for every subset of a layer's blocks, a copy of the layer with those
+    blocks cut to half (their first groups: any ``k`` groups cost the same) runs on the layer's own input from
+    the reference forward, counting FLOPs, and its parameters are counted.
+
+    Only one layer is ever copied (``2^blocks - 1`` small forwards per layer). ``inputs``: the reference input
+    (default ``adapter.example_inputs()`` on the model's device); ``options``: a
+    :class:`~hf_ispasp.PrunerConfig` whose group options apply (``gqa_groups``).
+    """
+    adapter = adapter_for(model)
+    if options is not None:
+        adapter.configure(options)
+    if inputs is None:
+        device = next(model.parameters()).device
+        example = adapter.example_inputs()
+        inputs = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+                  if isinstance(example, dict) else example.to(device))
+    layers = list(adapter.layers())
+    paths = _layer_paths(model, adapter)
+    calls: dict[int, tuple[tuple, dict[str, Any]]] = {}
+
+    def keep_call(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            calls.setdefault(index, (args, kwargs))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep_call(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with flop_counter(depth=None) as counter:
+            _call(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    dense = {"flops": float(counter.get_total_flops()), "params": float(count_parameters(model))}
+    shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
+    prices, num_groups = [], {}
+    for index, (layer, path) in enumerate(zip(layers, paths, strict=True)):
+        if index not in calls:
+            raise RuntimeError(f"layer {index} ({path}) did not run in the reference forward")
+        args, kwargs = calls[index]
+        blocks = adapter.blocks(index)
+        num_groups.update({block.name: block.num_groups for block in blocks})
+        halves = {p: max(1, b.num_groups // b.partitions // 2) * b.partitions for p, b in enumerate(blocks)}
+        cuttable = [p for p, b in enumerate(blocks) if halves[p] < b.num_groups]  # one group per run: fixed
+        corners = {metric: np.zeros((2,) * len(cuttable)) for metric in METRICS}
+        for corner in itertools.product((0, 1), repeat=len(cuttable)):
+            candidate = copy.deepcopy(layer, dict(shared)) if any(corner) else layer
+            model.set_submodule(path, candidate)
+            try:
+                for position, cut in zip(cuttable, corner, strict=True):
+                    block = adapter.blocks(index)[position]
+                    if cut:
+                        runs = block.partitions
+                        adapter.compact(block, first_per_run(block.num_groups, halves[position] // runs, runs))
+                with flop_counter(depth=None) as layer_counter:
+                    candidate(*args, **kwargs)
+            finally:
+                model.set_submodule(path, layer)
+            corners["flops"][corner] = layer_counter.get_total_flops()
+            corners["params"][corner] = count_parameters(candidate)
+        prices.append(LayerPrice([blocks[p].name for p in cuttable], [blocks[p].num_groups for p in cuttable],
+                                 [halves[p] for p in cuttable], corners))
+    return BlockCosts(dense, prices, num_groups)
+
+
+def budget_blocks(model: nn.Module, round_to: int = 1,
+                  curves: Mapping[str, tuple[list[int], list[float]]] | None = None, options: Any = None,
+                  ) -> list[BudgetBlock]:
+    """The allocation's view of every block: groups, floor and step (runs, ``round_to``) and its error curve."""
+    adapter = adapter_for(model)
+    if options is not None:
+        adapter.configure(options)
+    result = []
+    for block in adapter.iter_blocks():
+        step = block.partitions * (round_to if block.kind == "ffn" and block.num_groups >= round_to else 1)
+        counts, errors = (curves or {}).get(block.name, ([], []))
+        result.append(BudgetBlock(block.name, block.num_groups, floor=block.partitions, step=step,
+                                  counts=list(counts), errors=list(errors)))
+    return result
+
+
+def widths_for_target(model: nn.Module, costs: BlockCosts, metric: str, keep_ratio: float, allocation: str,
+                      round_to: int = 1, curves: Mapping[str, tuple[list[int], list[float]]] | None = None,
+                      options: Any = None) -> dict[str, int]:
+    """Kept groups per block that bring ``metric`` to ``keep_ratio`` of the dense model's under ``allocation``."""
+    blocks = budget_blocks(model, round_to, curves, options)
+
+    def count(block: BudgetBlock, ratio: float) -> int:  # as the pruner rounds a ratio (step = runs x round_to)
+        return kept_count(block.num_groups, ratio, block.step // block.floor, block.floor)
+
+    return allocate(blocks, costs.pricing(metric), keep_ratio * costs.dense[metric], allocation, count)
+
+
+Curves = dict[str, tuple[list[int], list[float]]]
+
+
+@torch.no_grad()
+def error_curves(model: nn.Module, adapter: Any, batches: list[Any], device: torch.device, config: Any,
+                 reduce: Callable[[torch.Tensor], None] | None = None) -> Curves:
+    """Every block's output error against its kept groups, on the dense model (one extra calibration pass).
+
+    A block's curve is :func:`~hf_ispasp.algorithm.residual_curve` (after the re-fit when ``config.refit``)
+    divided by the energy of the hidden states the block adds to (the layer input, real tokens only): an error
+    counts by how much it moves the residual stream that the next layers read, which makes blocks of different
+    layers and kinds comparable. ``reduce`` sums a tensor across processes (every process gets equal curves).
+    """
+    cache = ActivationCache(config.activation_cache, device)
+    curves: Curves = {}
+    shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
+    try:
+        capture_layer_inputs(model, adapter, batches, cache, device, seed=config.seed)
+        layers, paths = list(adapter.layers()), _layer_paths(model, adapter)
+        for index, original in enumerate(layers):
+            layer_device = execution_device(original, device)
+            layer = original
+            if has_offload(original):  # its weights on the execution device for this pass, then back as they were
+                layer = materialized_copy(original, layer_device, dict(shared))
+                model.set_submodule(paths[index], layer)
+            try:
+                curves.update(_layer_curves(adapter, index, layer, cache, layer_device, config, reduce))
+                if index + 1 < len(layers):
+                    propagate(layer, adapter, cache, layer_device)
+            finally:
+                if layer is not original:
+                    model.set_submodule(paths[index], original)
+    finally:
+        cache.close()
+    return curves
+
+
+def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationCache, device: torch.device,
+                  config: Any, reduce: Callable[[torch.Tensor], None] | None) -> Curves:
+    energy = hidden_energy(adapter, cache, device)
+    if reduce is not None:
+        reduce(energy)
+    per_position = float(energy[0]) / max(float(energy[1]), 1.0)
+    stats_dtype, selection_dtype = getattr(torch, config.stats_dtype), getattr(torch, config.selection_dtype)
+    curves: Curves = {}
+    for block in adapter.blocks(index):
+        stats = collect_block_statistics(layer, adapter, block, cache, device, stats_dtype)
+        for tensor in stats.tensors() if reduce is not None else ():
+            reduce(tensor)
+        stats = stats.to(dtype=selection_dtype)
+        counts, residuals = residual_curve(
+            stats, adapter.output_weight(block), block.group_size, refit=config.refit,
+            centered=adapter.output_bias(block) is not None, damping=config.refit_damping,
+            partitions=block.partitions,
+        )
+        scale = per_position * max(float(stats.count), 1.0)
+        curves[block.name] = (counts, [r / scale if scale > 0 else r for r in residuals])
+    return curves

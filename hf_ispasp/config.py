@@ -22,6 +22,8 @@ CACHES = ("auto", "device", "cpu", "disk", "memory")
 SELECTION_DTYPES = ("float64", "float32")
 STATS_DTYPES = ("float32", "float64")
 GQA_GROUPS = ("kv", "query")
+ALLOCATIONS = ("uniform", "global")  # as hf_ispasp.allocation.ALLOCATIONS (config imports nothing of the engine)
+TARGETS = ("flops_keep_ratio", "params_keep_ratio")
 _OVERRIDE_KEYS = ("ffn_keep_ratio", "head_keep_ratio")
 
 
@@ -117,6 +119,18 @@ class PrunerConfig:
             removed, the query heads per KV head are unchanged). `query`: one query head; every KV head is kept
             and `head_keep_ratio` is the fraction of query heads kept, the same number inside each KV group. On
             multi-head attention (no GQA) both mean heads.
+        flops_keep_ratio: Keep this fraction of the model's forward FLOPs instead of fixed keep ratios per kind.
+            FLOPs are counted at the adapter's reference input (`adapter.example_inputs()`: one sequence of 128
+            tokens for text models, capped by the position embeddings; one image at the model's input size) by
+            torch's FlopCounterMode, attention included; the embeddings and the task head count too, so the
+            smallest reachable value is above 0 (an unreachable target is an error that names it).
+            `ffn_keep_ratio` and `head_keep_ratio` are then not used.
+        params_keep_ratio: The same for the number of parameters (at most one of the two targets).
+        allocation: How a target is spread over the blocks. `global` (the default with a target): per-block widths
+            that minimise the predicted output error under the target, by water-filling on every block's
+            residual-versus-kept-groups curve (measured on the dense model's calibration statistics, each error
+            relative to the energy of the hidden states the block adds to); `uniform`: the same keep ratio in
+            every block, the largest that meets the target.
     """
 
     ffn_keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of FFN neurons kept per layer."})
@@ -147,6 +161,16 @@ class PrunerConfig:
         default="kv",
         metadata={"help": f"Grouped-query attention groups, one of {GQA_GROUPS}: whole KV heads with their query "
                           "heads ('kv'), or query heads, equally many per KV head ('query')."},
+    )
+
+    flops_keep_ratio: float | None = field(
+        default=None, metadata={"help": "Keep this fraction of the forward FLOPs (at the reference input)."}
+    )
+    params_keep_ratio: float | None = field(default=None, metadata={"help": "Keep this fraction of the parameters."})
+    allocation: str | None = field(
+        default=None,
+        metadata={"help": f"How a FLOPs/params target is spread over blocks, one of {ALLOCATIONS} (default "
+                          "'global' when a target is given)."},
     )
 
     def __post_init__(self) -> None:
@@ -210,6 +234,32 @@ class PrunerConfig:
                 _check_ratio(f"layer_overrides[{layer!r}][{key!r}]", value)
             overrides[index] = dict(values)
         self.layer_overrides = overrides
+        targets = [name for name in TARGETS if getattr(self, name) is not None]
+        for name in targets:
+            _check_ratio(name, getattr(self, name))
+        if len(targets) > 1:
+            raise ValueError(f"give one budget target, not {' and '.join(targets)}")
+        if self.allocation is not None:
+            _check_choice("allocation", self.allocation, ALLOCATIONS)
+            if not targets:
+                raise ValueError(f"allocation={self.allocation!r} spreads a target over the blocks: also give "
+                                 "flops_keep_ratio or params_keep_ratio (or leave allocation unset)")
+        if targets and self.layer_overrides:
+            raise ValueError(f"{targets[0]} chooses the width of every layer itself; drop layer_overrides (or the "
+                             "target and give per-kind ratios)")
+
+    @property
+    def budget_target(self) -> tuple[str, float] | None:
+        """``("flops" | "params", keep ratio)`` when a cost target replaces the per-kind ratios, else ``None``."""
+        for name in TARGETS:
+            if getattr(self, name) is not None:
+                return name.removesuffix("_keep_ratio"), float(getattr(self, name))
+        return None
+
+    @property
+    def budget_allocation(self) -> str:
+        """The allocation a target uses (``global`` unless set)."""
+        return self.allocation or "global"
 
     def keep_ratio(self, layer: int, kind: str) -> float:
         """Keep ratio of `kind` ("ffn" or "heads") in `layer`, overrides included."""

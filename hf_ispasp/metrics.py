@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["LatencyComparison", "count_flops", "count_parameters", "latency_ratio", "measure_latency"]
+__all__ = ["LatencyComparison", "count_flops", "count_parameters", "flop_counter", "latency_ratio", "measure_latency"]
 
 
 def count_parameters(module: nn.Module | list[nn.Module]) -> int:
@@ -35,13 +35,31 @@ def _call(model: nn.Module | Callable[..., Any], inputs: Any) -> Any:
     return model(inputs)
 
 
+def flop_counter(depth: int | None = 2) -> FlopCounterMode:
+    """torch's FlopCounterMode, also counting the CPU kernel of scaled-dot-product attention.
+
+    torch counts the CUDA attention kernels but not ``_scaled_dot_product_flash_attention_for_cpu``, so the same
+    model would cost less on the CPU than on a GPU (its attention scores missing); the CUDA formula applies.
+    """
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_attention(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    extra = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        extra[op] = cpu_attention
+    return FlopCounterMode(display=False, depth=depth, custom_mapping=extra)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs: Any) -> int:
-    """FLOPs of one forward pass (matmuls, convolutions and attention, as counted by torch's FlopCounterMode)."""
+    """FLOPs of one forward pass (matmuls, convolutions and attention, as counted by :func:`flop_counter`)."""
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             _call(model, inputs)
     finally:
         model.train(was_training)

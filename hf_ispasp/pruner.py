@@ -31,6 +31,7 @@ from .algorithm import (
     validate_refit,
 )
 from .baselines import mean_compensation
+from .budget import block_costs, error_curves, widths_for_target
 from .config import PrunerConfig, kept_count
 from .importance import llm_pruner_scores, taylor_scores
 from .metrics import count_flops, count_parameters
@@ -87,6 +88,8 @@ class PruningReport:
     seconds_selection: float = 0.0
     # Bytes of calibration activations held per cache tier (device / cpu / disk) at the end of the prune.
     activation_cache_bytes: dict[str, int] = field(default_factory=dict)
+    # With a FLOPs/params target: {"target", "allocation", "widths", "predicted", "achieved"} (see PrunerConfig).
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for strict JSON: a non-finite float (``refit_ridge=inf``: bias-only re-fit) becomes "inf"."""
@@ -191,6 +194,9 @@ class ISpaSPPruner:
         report.params_after = count_parameters(result)
         report.layer_params_after = count_parameters(list(result_adapter.layers()))
         report.flops_after = count_flops(result, to_device(example, device))
+        if report.budget:
+            report.budget["achieved"] = {"flops": report.flops_after / max(report.flops_before, 1),
+                                         "params": report.params_after / max(report.params_before, 1)}
         report.seconds = time.perf_counter() - start
         shapes = example.items() if isinstance(example, dict) else [("input", example)]
         _record_metadata(result, result_adapter, self.config, self._added_biases, report, dense_widths,
@@ -227,6 +233,10 @@ class ISpaSPPruner:
             batches = list(batches)
             scorer = taylor_scores if config.selection == "taylor" else llm_pruner_scores
             self._scores = scorer(model, adapter, batches, device, reduce=self._sum_across_processes)
+        self._widths: dict[str, int] | None = None
+        if config.budget_target is not None:
+            batches = list(batches)  # read twice: error curves of the dense model, then the prune
+            self._widths, report.budget = self._allocate(model, adapter, batches, device)
         self._warned: set[str] = set()
         self._widest = max(((int(adapter.output_weight(b).shape[1]), b.name) for b in adapter.iter_blocks()),
                            default=(0, ""))
@@ -277,6 +287,23 @@ class ISpaSPPruner:
         report.seconds_selection = selection_seconds
         report.seconds_calibration = time.perf_counter() - t0 - selection_seconds
 
+    def _allocate(self, model: nn.Module, adapter: ModelAdapter, batches: list[Any], device: torch.device
+                  ) -> tuple[dict[str, int], dict[str, Any]]:
+        """Kept groups per block for the config's FLOPs/params target, and what the report says about them."""
+        config = self.config
+        metric, ratio = config.budget_target
+        allocation = config.budget_allocation
+        costs = block_costs(model, to_device(adapter.example_inputs(), device), config)
+        curves = None
+        if allocation == "global":
+            curves = error_curves(model, adapter, batches, device, config, self._sum_across_processes)
+        widths = widths_for_target(model, costs, metric, ratio, allocation, config.round_to, curves, config)
+        predicted = {m: costs.predict(m, widths) / costs.dense[m] for m in ("flops", "params")}
+        logger.info("i-SpaSP: %s allocation of %s keep %.3f: predicted FLOPs %.4f, parameters %.4f of dense",
+                    allocation, metric, ratio, predicted["flops"], predicted["params"])
+        return widths, {"target": {metric: ratio}, "allocation": allocation, "widths": dict(widths),
+                        "predicted": predicted}
+
     def _reduce(self, stats: BlockStatistics) -> None:
         """Sum statistics across processes (each calibrated on its shard) so every process selects alike."""
         for tensor in stats.tensors():
@@ -294,8 +321,12 @@ class ISpaSPPruner:
     ) -> BlockReport:
         config = self.config
         stats = stats.to(dtype=getattr(torch, config.selection_dtype))
-        ratio = config.keep_ratio(block.layer, block.kind)
-        keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1, block.partitions)
+        if self._widths is not None:  # allocated for a FLOPs/params target
+            keep = self._widths[block.name]
+        else:
+            ratio = config.keep_ratio(block.layer, block.kind)
+            keep = kept_count(block.num_groups, ratio, config.round_to if block.kind == "ffn" else 1,
+                              block.partitions)
         weight = adapter.output_weight(block)
         bias = adapter.output_bias(block)
         # FLAP compensates the cut through the bias: a bias-free projection is treated as one with a zero bias
@@ -592,6 +623,8 @@ def _record_metadata(
     base_model = previous.get(BASE_MODEL_KEY) or _hub_id(model)
     if base_model:
         record[BASE_MODEL_KEY] = base_model
+    if report is not None and report.budget:
+        record["budget"] = {k: v for k, v in report.budget.items() if k != "widths"}  # widths: the record's own
     if report is not None:
         record[SUMMARY_KEY] = summarize_prune(report, dense_widths or {}, flops_input or {},
                                               previous.get(SUMMARY_KEY))

@@ -18,7 +18,8 @@ from torch import nn
 from .adapters.base import ModelAdapter, PrunableBlock, Resume
 from .algorithm import BlockStatistics, accumulation_dtype
 
-__all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics", "sequence_folds"]
+__all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics", "hidden_energy",
+           "sequence_folds"]
 
 logger = logging.getLogger(__name__)
 
@@ -519,3 +520,19 @@ def propagate(
             raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
         entry["args"], entry["kwargs"] = adapter.replace_hidden_states(entry["args"], entry["kwargs"], hidden)
         cache[index] = entry
+
+
+def hidden_energy(adapter: ModelAdapter, cache: ActivationCache, device: torch.device) -> torch.Tensor:
+    """``[sum of ||h||^2, positions]`` over the cached layer inputs, real tokens only (a CNN's positions are its
+    pixels, ``h`` the channel vector), in float64 on ``device``: the scale of the hidden states a block adds to."""
+    total = torch.zeros(2, dtype=accumulation_dtype(device), device=device)
+    for index in range(len(cache)):
+        entry = cache[index]
+        args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
+        hidden = adapter.layer_hidden_states(args, kwargs).to(total.dtype)
+        squares = hidden.pow(2).sum(1) if hidden.dim() == 4 else hidden.pow(2).sum(-1)
+        mask = entry["mask"]
+        if mask is not None and tuple(mask.shape) == tuple(squares.shape):
+            squares = squares[mask.to(device).bool()]
+        total += torch.stack([squares.sum(), torch.tensor(float(squares.numel()), dtype=total.dtype, device=device)])
+    return total
