@@ -26,7 +26,7 @@ from .adapters.base import adapter_for
 from .algorithm import residual_curve
 from .allocation import BudgetBlock, allocate
 from .config import kept_count
-from .metrics import count_flops, count_parameters, flop_counter
+from .metrics import count_parameters, flop_counter
 from .offload import execution_device, has_offload, materialized_copy
 from .partitions import first_per_run
 from .statistics import ActivationCache, capture_layer_inputs, collect_block_statistics, hidden_energy, propagate
@@ -44,8 +44,9 @@ def ffn_ratio_for_flops(
 ) -> float:
     """Uniform ``ffn_keep_ratio`` whose compacted model costs about ``fraction`` of the dense FLOPs.
 
-    Bisects on a weight-free compaction (the first ``k`` groups of every block, which costs the same as any
-    other ``k`` groups), so no data is needed. Heads, when the model has any, are kept at ``head_keep_ratio``.
+    Prices the widths with :func:`block_costs` (no data, no copy of the whole model) and bisects on the ratio.
+    Heads, when the model has any, are kept at ``head_keep_ratio``. ``PrunerConfig(flops_keep_ratio=...)`` is
+    the full form: it also chooses the heads and, by default, different widths per layer.
 
     Args:
         model: A supported model.
@@ -56,11 +57,13 @@ def ffn_ratio_for_flops(
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
-    inputs = inputs if inputs is not None else adapter_for(model).example_inputs()
-    dense = count_flops(model, inputs)
+    costs = block_costs(model, inputs)
+    blocks = list(adapter_for(model).iter_blocks())
 
     def cost(ratio: float) -> float:
-        return count_flops(uniform_compaction(model, ratio, head_keep_ratio), inputs) / dense
+        widths = {b.name: kept_count(b.num_groups, ratio if b.kind == "ffn" else head_keep_ratio,
+                                     partitions=b.partitions) for b in blocks}
+        return costs.predict("flops", widths) / costs.dense["flops"]
 
     low, high = 0.0, 1.0
     if cost(1e-6) > fraction:

@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 import torch
 
-from .config import GQA_GROUPS, PrunerConfig
+from .config import ALLOCATIONS, GQA_GROUPS, PrunerConfig
 
 logger = logging.getLogger("hf_ispasp")
 
@@ -235,18 +236,31 @@ def run_prune(args: argparse.Namespace) -> dict[str, Any]:
     print(pruner.report.to_markdown())
     print(f"{type(pruned).__name__}: parameters {pruner.report.params_before} -> {pruner.report.params_after}; "
           f"saved to {args.output_dir}")
+    if pruner.report.budget:
+        achieved = pruner.report.budget["achieved"]
+        print(f"{pruner.report.budget['allocation']} allocation of {pruner.report.budget['target']}: FLOPs "
+              f"{achieved['flops']:.3f}, parameters {achieved['params']:.3f} of the dense model")
     return pruner.report.to_dict()
 
 
 def _pruner_config(args: argparse.Namespace) -> PrunerConfig:
     settings: dict[str, Any] = {"ffn_keep_ratio": args.ffn_keep, "head_keep_ratio": args.head_keep, "seed": args.seed}
-    if getattr(args, "gqa_groups", None) is not None:
-        settings["gqa_groups"] = args.gqa_groups
+    for option, name in _CONFIG_OPTIONS.items():
+        if getattr(args, option, None) is not None:
+            settings[name] = getattr(args, option)
     try:
         return PrunerConfig(**settings)
-    except ValueError as err:
-        raise UsageError(str(err).replace("ffn_keep_ratio=", "--ffn-keep ").replace("head_keep_ratio=",
-                                                                                    "--head-keep ")) from err
+    except ValueError as err:  # name the command-line flags, not the config fields
+        flags = {"ffn_keep_ratio": "--ffn-keep", "head_keep_ratio": "--head-keep", "seed": "--seed",
+                 **{name: "--" + option.replace("_", "-") for option, name in _CONFIG_OPTIONS.items()}}
+        pattern = r"\b(" + "|".join(sorted(flags, key=len, reverse=True)) + r")\b(=?)"
+        message = re.sub(pattern, lambda m: flags[m.group(1)] + (" " if m.group(2) else ""), str(err))
+        raise UsageError(message) from err
+
+
+# CLI options (argparse dest) that set a PrunerConfig field when given.
+_CONFIG_OPTIONS = {"gqa_groups": "gqa_groups", "flops_keep": "flops_keep_ratio", "params_keep": "params_keep_ratio",
+                   "allocation": "allocation"}
 
 
 def _one_line(err: BaseException) -> str:
@@ -255,11 +269,13 @@ def _one_line(err: BaseException) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters import UnsupportedModelError
+    from .allocation import InfeasibleBudgetError
     from .atomic import CheckpointFolderError
     from .serialization import CheckpointMismatchError
     from .statistics import CalibrationError
 
-    return (UsageError, UnsupportedModelError, CalibrationError, CheckpointFolderError, CheckpointMismatchError)
+    return (UsageError, UnsupportedModelError, CalibrationError, CheckpointFolderError, CheckpointMismatchError,
+            InfeasibleBudgetError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in (demo, prune):
         p.add_argument("--ffn-keep", type=float, default=0.5)
         p.add_argument("--head-keep", type=float, default=0.75)
+        p.add_argument("--flops-keep", type=float, default=None,
+                       help="keep this fraction of the forward FLOPs instead (--ffn-keep/--head-keep unused)")
+        p.add_argument("--params-keep", type=float, default=None, help="keep this fraction of the parameters instead")
+        p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                       help="with a FLOPs/params target: per-layer widths from the error curves (global, default) "
+                            "or the same fraction everywhere (uniform)")
         p.add_argument("--calibration-samples", type=int, default=512)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", help="also write the results to this JSON file")

@@ -56,6 +56,15 @@ def test_prune_keeps_the_task_head(setup, tmp_path):
     assert (out / "tokenizer_config.json").exists()  # saved in the same atomic step
 
 
+def test_prune_to_a_flops_target(setup, tmp_path):
+    out = tmp_path / "pruned"
+    code = _prune(setup, out, "--flops-keep", "0.6", "--allocation", "uniform", "--json", str(tmp_path / "r.json"))
+    assert code == 0
+    budget = json.loads((out / "config.json").read_text())["ispasp"]["budget"]
+    assert budget["allocation"] == "uniform" and budget["achieved"]["flops"] <= 0.6
+    assert json.loads((tmp_path / "r.json").read_text())["budget"]["target"] == {"flops": 0.6}
+
+
 def test_prune_refuses_a_folder_with_user_files(setup, tmp_path, monkeypatch, capsys):
     project = tmp_path / "project"
     project.mkdir()
@@ -88,6 +97,8 @@ def test_prune_refuses_a_folder_with_user_files(setup, tmp_path, monkeypatch, ca
         ("missing_data", "no such file"),
         ("bad_extension", "unsupported file type"),
         ("bad_ratio", "--ffn-keep"),
+        ("allocation_without_target", "also give --flops-keep or --params-keep"),
+        ("infeasible_target", "ask for"),
         ("output_is_file", "is an existing file"),
         ("model_without_config", "cannot read its config.json"),
     ],
@@ -109,6 +120,10 @@ def test_user_errors_are_one_line_with_exit_code_2(setup, tmp_path, capsys, case
                      "--output-dir", str(out)])
     elif case == "bad_ratio":
         code = _prune(setup, out, "--ffn-keep", "1.5")
+    elif case == "allocation_without_target":
+        code = _prune(setup, out, "--allocation", "global")
+    elif case == "infeasible_target":
+        code = _prune(setup, out, "--params-keep", "0.01")
     elif case == "output_is_file":
         out.write_text("mine")
         code = _prune(setup, out)
