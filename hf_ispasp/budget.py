@@ -11,9 +11,11 @@ model's input size).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +26,9 @@ from torch import nn
 
 from .adapters.base import adapter_for
 from .algorithm import residual_curve
-from .allocation import BudgetBlock, allocate
+from .allocation import BudgetBlock, Pricing, allocate
 from .config import kept_count
-from .metrics import count_parameters, flop_counter
+from .metrics import _call, count_parameters, flop_counter
 from .offload import execution_device, has_offload, materialized_copy
 from .partitions import first_per_run
 from .statistics import ActivationCache, capture_layer_inputs, collect_block_statistics, hidden_energy, propagate
@@ -160,18 +162,38 @@ class MetricPricing:
         return [other for other in layer.names if other != name] if layer is not None else []
 
 
-def _call(model: nn.Module, inputs: Any) -> None:
-    if isinstance(inputs, Mapping):
-        model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        model(*inputs)
-    else:
-        model(inputs)
-
-
 def _layer_paths(model: nn.Module, adapter: Any) -> list[str]:
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     return [names[id(layer)] for layer in adapter.layers()]
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, adapter: Any, inputs: Any, context: Any = None
+                        ) -> dict[int, tuple[tuple, dict[str, Any]]]:
+    """Run the reference forward (inside ``context``, e.g. a FLOP counter) and keep every layer's call arguments,
+    so a copy of one layer can be run alone on exactly its input."""
+    calls: dict[int, tuple[tuple, dict[str, Any]]] = {}
+
+    def keep_call(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            calls.setdefault(index, (args, kwargs))
+        return hook
+
+    layers = list(adapter.layers())
+    handles = [layer.register_forward_pre_hook(keep_call(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with context if context is not None else contextlib.nullcontext():
+            _call(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [i for i in range(len(layers)) if i not in calls]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run in the reference forward")
+    return calls
 
 
 @torch.no_grad()
@@ -194,29 +216,12 @@ def block_costs(model: nn.Module, inputs: Any = None, options: Any = None) -> Bl
                   if isinstance(example, dict) else example.to(device))
     layers = list(adapter.layers())
     paths = _layer_paths(model, adapter)
-    calls: dict[int, tuple[tuple, dict[str, Any]]] = {}
-
-    def keep_call(index: int) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            calls.setdefault(index, (args, kwargs))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(keep_call(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        with flop_counter(depth=None) as counter:
-            _call(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    counter = flop_counter(depth=None)
+    calls = capture_layer_calls(model, adapter, inputs, counter)
     dense = {"flops": float(counter.get_total_flops()), "params": float(count_parameters(model))}
     shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
     prices, num_groups = [], {}
     for index, (layer, path) in enumerate(zip(layers, paths, strict=True)):
-        if index not in calls:
-            raise RuntimeError(f"layer {index} ({path}) did not run in the reference forward")
         args, kwargs = calls[index]
         blocks = adapter.blocks(index)
         num_groups.update({block.name: block.num_groups for block in blocks})
@@ -245,30 +250,35 @@ def block_costs(model: nn.Module, inputs: Any = None, options: Any = None) -> Bl
 
 def budget_blocks(model: nn.Module, round_to: int = 1,
                   curves: Mapping[str, tuple[list[int], list[float]]] | None = None, options: Any = None,
-                  ) -> list[BudgetBlock]:
-    """The allocation's view of every block: groups, floor and step (runs, ``round_to``) and its error curve."""
+                  multiple: int = 1) -> list[BudgetBlock]:
+    """The allocation's view of every block: groups, floor and step and its error curve.
+
+    A step is one group per run (``partitions``); FFN / channel widths also move in multiples of ``round_to`` and
+    of ``multiple`` (sizes that run fast, for latency targets).
+    """
     adapter = adapter_for(model)
     if options is not None:
         adapter.configure(options)
     result = []
     for block in adapter.iter_blocks():
-        step = block.partitions * (round_to if block.kind == "ffn" and block.num_groups >= round_to else 1)
+        width_step = math.lcm(round_to, multiple) if block.kind == "ffn" else 1
+        step = block.partitions * (width_step if block.num_groups >= width_step else 1)
         counts, errors = (curves or {}).get(block.name, ([], []))
         result.append(BudgetBlock(block.name, block.num_groups, floor=block.partitions, step=step,
                                   counts=list(counts), errors=list(errors)))
     return result
 
 
-def widths_for_target(model: nn.Module, costs: BlockCosts, metric: str, keep_ratio: float, allocation: str,
+def widths_for_target(model: nn.Module, pricing: Pricing, dense_cost: float, keep_ratio: float, allocation: str,
                       round_to: int = 1, curves: Mapping[str, tuple[list[int], list[float]]] | None = None,
-                      options: Any = None) -> dict[str, int]:
-    """Kept groups per block that bring ``metric`` to ``keep_ratio`` of the dense model's under ``allocation``."""
-    blocks = budget_blocks(model, round_to, curves, options)
+                      options: Any = None, multiple: int = 1) -> dict[str, int]:
+    """Kept groups per block that bring the priced cost to ``keep_ratio`` of ``dense_cost`` under ``allocation``."""
+    blocks = budget_blocks(model, round_to, curves, options, multiple)
 
     def count(block: BudgetBlock, ratio: float) -> int:  # as the pruner rounds a ratio (step = runs x round_to)
         return kept_count(block.num_groups, ratio, block.step // block.floor, block.floor)
 
-    return allocate(blocks, costs.pricing(metric), keep_ratio * costs.dense[metric], allocation, count)
+    return allocate(blocks, pricing, keep_ratio * dense_cost, allocation, count)
 
 
 Curves = dict[str, tuple[list[int], list[float]]]

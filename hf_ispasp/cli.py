@@ -260,7 +260,7 @@ def _pruner_config(args: argparse.Namespace) -> PrunerConfig:
 
 # CLI options (argparse dest) that set a PrunerConfig field when given.
 _CONFIG_OPTIONS = {"gqa_groups": "gqa_groups", "flops_keep": "flops_keep_ratio", "params_keep": "params_keep_ratio",
-                   "allocation": "allocation"}
+                   "latency_keep": "latency_keep_ratio", "allocation": "allocation"}
 
 
 def _one_line(err: BaseException) -> str:
@@ -289,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--flops-keep", type=float, default=None,
                        help="keep this fraction of the forward FLOPs instead (--ffn-keep/--head-keep unused)")
         p.add_argument("--params-keep", type=float, default=None, help="keep this fraction of the parameters instead")
+        p.add_argument("--latency-keep", type=float, default=None,
+                       help="keep this fraction of the latency measured on this machine instead")
         p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                       help="with a FLOPs/params target: per-layer widths from the error curves (global, default) "
-                            "or the same fraction everywhere (uniform)")
+                       help="with a FLOPs/params/latency target: per-layer widths from the error curves (global, "
+                            "default) or the same fraction everywhere (uniform)")
         p.add_argument("--calibration-samples", type=int, default=512)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", help="also write the results to this JSON file")

@@ -23,7 +23,7 @@ SELECTION_DTYPES = ("float64", "float32")
 STATS_DTYPES = ("float32", "float64")
 GQA_GROUPS = ("kv", "query")
 ALLOCATIONS = ("uniform", "global")  # as hf_ispasp.allocation.ALLOCATIONS (config imports nothing of the engine)
-TARGETS = ("flops_keep_ratio", "params_keep_ratio")
+TARGETS = ("flops_keep_ratio", "params_keep_ratio", "latency_keep_ratio")
 _OVERRIDE_KEYS = ("ffn_keep_ratio", "head_keep_ratio")
 
 
@@ -125,7 +125,11 @@ class PrunerConfig:
             torch's FlopCounterMode, attention included; the embeddings and the task head count too, so the
             smallest reachable value is above 0 (an unreachable target is an error that names it).
             `ffn_keep_ratio` and `head_keep_ratio` are then not used.
-        params_keep_ratio: The same for the number of parameters (at most one of the two targets).
+        params_keep_ratio: The same for the number of parameters.
+        latency_keep_ratio: The same for the latency of one forward at the reference input, measured on the model's
+            device: a latency table per layer shape (each block cut to a grid of widths, timed interleaved with the
+            dense layer; cached per device, see `hf_ispasp.latency_budget`), FFN/channel widths in multiples of
+            sizes that run fast there (8 on CPUs, 64 on GPUs). At most one of the three targets.
         allocation: How a target is spread over the blocks. `global` (the default with a target): per-block widths
             that minimise the predicted output error under the target, by water-filling on every block's
             residual-versus-kept-groups curve (measured on the dense model's calibration statistics, each error
@@ -167,6 +171,9 @@ class PrunerConfig:
         default=None, metadata={"help": "Keep this fraction of the forward FLOPs (at the reference input)."}
     )
     params_keep_ratio: float | None = field(default=None, metadata={"help": "Keep this fraction of the parameters."})
+    latency_keep_ratio: float | None = field(
+        default=None, metadata={"help": "Keep this fraction of the measured latency on the current device."}
+    )
     allocation: str | None = field(
         default=None,
         metadata={"help": f"How a FLOPs/params target is spread over blocks, one of {ALLOCATIONS} (default "
@@ -243,14 +250,16 @@ class PrunerConfig:
             _check_choice("allocation", self.allocation, ALLOCATIONS)
             if not targets:
                 raise ValueError(f"allocation={self.allocation!r} spreads a target over the blocks: also give "
-                                 "flops_keep_ratio or params_keep_ratio (or leave allocation unset)")
+                                 "flops_keep_ratio, params_keep_ratio or latency_keep_ratio (or leave allocation "
+                                 "unset)")
         if targets and self.layer_overrides:
             raise ValueError(f"{targets[0]} chooses the width of every layer itself; drop layer_overrides (or the "
                              "target and give per-kind ratios)")
 
     @property
     def budget_target(self) -> tuple[str, float] | None:
-        """``("flops" | "params", keep ratio)`` when a cost target replaces the per-kind ratios, else ``None``."""
+        """``(metric, keep ratio)`` (``flops``, ``params`` or ``latency``) when a target replaces the per-kind
+        ratios, else ``None``."""
         for name in TARGETS:
             if getattr(self, name) is not None:
                 return name.removesuffix("_keep_ratio"), float(getattr(self, name))

@@ -68,11 +68,15 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3,
+    model: nn.Module | Callable[..., Any], inputs: Any, repeats: int = 20, warmup: int = 3,
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Median seconds per forward pass (``clock`` is injectable so tests need not time anything)."""
-    model.eval()
+    """Median seconds per forward pass (``clock`` is injectable so tests need not time anything).
+
+    ``model`` may be any callable taking ``inputs`` as a model does; a module is put in eval mode.
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
     for _ in range(warmup):
         _call(model, inputs)
     times = []

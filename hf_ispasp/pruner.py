@@ -34,7 +34,8 @@ from .baselines import mean_compensation
 from .budget import block_costs, error_curves, widths_for_target
 from .config import PrunerConfig, kept_count
 from .importance import llm_pruner_scores, taylor_scores
-from .metrics import count_flops, count_parameters
+from .latency_budget import fast_multiple, latency_costs
+from .metrics import count_flops, count_parameters, latency_ratio
 from .offload import execution_device, has_offload, materialized_copy, offload
 from .portable import attach_portable_save
 from .record import BASE_MODEL_KEY, METADATA_KEY, SUMMARY_KEY, summarize_prune
@@ -197,6 +198,10 @@ class ISpaSPPruner:
         if report.budget:
             report.budget["achieved"] = {"flops": report.flops_after / max(report.flops_before, 1),
                                          "params": report.params_after / max(report.params_before, 1)}
+            if "latency" in report.budget["target"] and not inplace:  # the dense model is still there to time
+                timing = latency_ratio(model, result, to_device(example, device))
+                report.budget["achieved"]["latency"] = 1.0 / timing.speedup
+                report.budget["latency"] = timing.to_dict()
         report.seconds = time.perf_counter() - start
         shapes = example.items() if isinstance(example, dict) else [("input", example)]
         _record_metadata(result, result_adapter, self.config, self._added_biases, report, dense_widths,
@@ -289,18 +294,27 @@ class ISpaSPPruner:
 
     def _allocate(self, model: nn.Module, adapter: ModelAdapter, batches: list[Any], device: torch.device
                   ) -> tuple[dict[str, int], dict[str, Any]]:
-        """Kept groups per block for the config's FLOPs/params target, and what the report says about them."""
+        """Kept groups per block for the config's FLOPs/params/latency target, and what the report says of them."""
         config = self.config
         metric, ratio = config.budget_target
         allocation = config.budget_allocation
-        costs = block_costs(model, to_device(adapter.example_inputs(), device), config)
+        example = to_device(adapter.example_inputs(), device)
+        costs = block_costs(model, example, config)
+        if metric == "latency":
+            pricing: Any = latency_costs(model, example, config, round_to=config.round_to)
+            dense, multiple = pricing.dense, fast_multiple(device)
+        else:
+            pricing, dense, multiple = costs.pricing(metric), costs.dense[metric], 1
         curves = None
         if allocation == "global":
             curves = error_curves(model, adapter, batches, device, config, self._sum_across_processes)
-        widths = widths_for_target(model, costs, metric, ratio, allocation, config.round_to, curves, config)
+        widths = widths_for_target(model, pricing, dense, ratio, allocation, config.round_to, curves, config,
+                                   multiple)
         predicted = {m: costs.predict(m, widths) / costs.dense[m] for m in ("flops", "params")}
-        logger.info("i-SpaSP: %s allocation of %s keep %.3f: predicted FLOPs %.4f, parameters %.4f of dense",
-                    allocation, metric, ratio, predicted["flops"], predicted["params"])
+        if metric == "latency":
+            predicted["latency"] = pricing.total(widths) / dense
+        logger.info("i-SpaSP: %s allocation of %s keep %.3f: predicted %s of dense", allocation, metric, ratio,
+                    ", ".join(f"{k} {v:.4f}" for k, v in predicted.items()))
         return widths, {"target": {metric: ratio}, "allocation": allocation, "widths": dict(widths),
                         "predicted": predicted}
 

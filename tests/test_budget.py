@@ -211,6 +211,7 @@ def test_infeasible_target_is_a_clear_error_and_leaves_the_model_untouched():
 @pytest.mark.parametrize("kwargs, message", [
     ({"flops_keep_ratio": 0.5, "params_keep_ratio": 0.5}, "one budget target"),
     ({"allocation": "global"}, "also give flops_keep_ratio"),
+    ({"latency_keep_ratio": 0.5, "flops_keep_ratio": 0.5}, "one budget target"),
     ({"flops_keep_ratio": 0.5, "allocation": "best"}, "allocation"),
     ({"flops_keep_ratio": 0.5, "layer_overrides": {0: {"ffn_keep_ratio": 0.5}}}, "drop layer_overrides"),
     ({"flops_keep_ratio": 0.0}, "flops_keep_ratio"),
@@ -219,3 +220,61 @@ def test_infeasible_target_is_a_clear_error_and_leaves_the_model_untouched():
 def test_bad_budget_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrunerConfig(**kwargs)
+
+
+def _flops_clock():
+    """A clock that advances by the FLOPs computed so far: 'latency' becomes FLOPs, deterministically."""
+    from hf_ispasp.metrics import flop_counter
+
+    counter = flop_counter(depth=None)
+    return counter, lambda: float(counter.get_total_flops())
+
+
+def test_latency_tables_price_widths_and_are_measured_once(tmp_path):
+    from hf_ispasp import latency_budget
+
+    model = tiny_text_model("bert")
+    counter, clock = _flops_clock()
+    latency_budget._TABLES.clear()
+    with counter:
+        costs = latency_budget.latency_costs(model, clock=clock, cache_dir=tmp_path, repeats=2)
+    dense = {name: n for name, n in costs.num_groups.items()}
+    assert costs.total(dense) == pytest.approx(costs.dense)
+    assert costs.dense == pytest.approx(count_flops(model, _example(model)))
+    # FLOPs are linear in every block's width, so the interpolated tables are exact off the grid too
+    for seed in (0, 1):
+        widths = _random_widths(model, seed)
+        assert costs.total(widths) == pytest.approx(count_flops(_cut(model, widths), _example(model)), rel=1e-6)
+    # identical layers share one table, cached in the process and on disk
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    calls = []
+
+    def counting_clock():
+        calls.append(1)
+        return float(len(calls))
+
+    latency_budget.latency_costs(model, clock=counting_clock, cache_dir=tmp_path, repeats=2)
+    assert len(calls) == 2 * 2  # only the dense model's forward was timed again
+    latency_budget._TABLES.clear()
+    calls.clear()
+    latency_budget.latency_costs(model, clock=counting_clock, cache_dir=tmp_path, repeats=2)
+    assert len(calls) == 2 * 2  # read back from disk
+
+
+def test_latency_target_prunes_to_fast_widths(monkeypatch):
+    from hf_ispasp import latency_budget, pruner
+
+    counter, clock = _flops_clock()
+    real = latency_budget.latency_costs
+    monkeypatch.setattr(pruner, "latency_costs",
+                        lambda *args, **kwargs: real(*args, clock=clock, cache_dir="", repeats=2, **kwargs))
+    model = tiny_decoder_model("llama", seed=1)
+    with counter:
+        pruned, report = _prune(model, latency_keep_ratio=0.7)
+    assert report.budget["target"] == {"latency": 0.7}
+    assert report.budget["predicted"]["latency"] <= 0.7 + 1e-9
+    assert report.budget["achieved"]["latency"] > 0 and report.budget["latency"]["pairs"] > 0
+    multiple = latency_budget.fast_multiple("cpu")
+    for block in report.blocks:
+        if block.kind == "ffn" and block.groups_after < block.groups_before:
+            assert block.groups_after % multiple == 0

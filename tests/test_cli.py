@@ -97,7 +97,7 @@ def test_prune_refuses_a_folder_with_user_files(setup, tmp_path, monkeypatch, ca
         ("missing_data", "no such file"),
         ("bad_extension", "unsupported file type"),
         ("bad_ratio", "--ffn-keep"),
-        ("allocation_without_target", "also give --flops-keep or --params-keep"),
+        ("allocation_without_target", "also give --flops-keep, --params-keep or --latency-keep"),
         ("infeasible_target", "ask for"),
         ("output_is_file", "is an existing file"),
         ("model_without_config", "cannot read its config.json"),
