@@ -31,10 +31,17 @@ from .config import kept_count
 from .metrics import _call, count_parameters, flop_counter
 from .offload import execution_device, has_offload, materialized_copy
 from .partitions import first_per_run
-from .statistics import ActivationCache, capture_layer_inputs, collect_block_statistics, hidden_energy, propagate
+from .statistics import (
+    ActivationCache,
+    capture_layer_inputs,
+    collect_block_statistics,
+    hidden_energy,
+    propagate,
+    to_device,
+)
 
-__all__ = ["BlockCosts", "LayerPrice", "block_costs", "budget_blocks", "error_curves", "ffn_ratio_for_flops",
-           "uniform_compaction", "widths_for_target"]
+__all__ = ["BlockCosts", "LayerPrice", "block_costs", "budget_blocks", "cut_copy", "cut_layer", "error_curves",
+           "ffn_ratio_for_flops", "reference_inputs", "uniform_compaction", "widths_for_target"]
 
 METRICS = ("flops", "params")
 
@@ -87,17 +94,51 @@ def uniform_compaction(model: nn.Module, ffn_keep_ratio: float, head_keep_ratio:
     Any ``k`` groups of a block cost the same FLOPs and parameters, so this prices a budget without data.
     ``options``: a :class:`~hf_ispasp.PrunerConfig` whose group options apply (``gqa_groups``).
     """
+    adapter = adapter_for(model)
+    if options is not None:
+        adapter.configure(options)
+    widths = {block.name: kept_count(block.num_groups, ffn_keep_ratio if block.kind == "ffn" else head_keep_ratio,
+                                     partitions=block.partitions) for block in adapter.iter_blocks()}
+    return cut_copy(model, widths, options)
+
+
+def cut_copy(model: nn.Module, widths: Mapping[str, int], options: Any = None) -> nn.Module:
+    """A copy of ``model`` with every block named in ``widths`` cut to that many groups (its first groups of every
+    run: which ones does not change the cost)."""
     candidate = copy.deepcopy(model)
     adapter = adapter_for(candidate)
     if options is not None:
         adapter.configure(options)
     for index in range(len(adapter.layers())):
         for block in adapter.blocks(index):
-            ratio = ffn_keep_ratio if block.kind == "ffn" else head_keep_ratio
-            keep = kept_count(block.num_groups, ratio, partitions=block.partitions)
+            keep = widths.get(block.name, block.num_groups)
             if keep < block.num_groups:
                 adapter.compact(block, first_per_run(block.num_groups, keep // block.partitions, block.partitions))
     return candidate
+
+
+def cut_layer(model: nn.Module, adapter: Any, index: int, path: str, cuts: Mapping[int, int]) -> nn.Module:
+    """A copy of layer ``index`` (at ``path``) with its blocks at positions ``cuts`` cut to those widths (first
+    groups of every run); the model keeps its own layer. The copy shares the model's config."""
+    layer = model.get_submodule(path)
+    shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
+    candidate = copy.deepcopy(layer, shared)
+    model.set_submodule(path, candidate)
+    try:
+        for position, width in cuts.items():
+            block = adapter.blocks(index)[position]
+            runs = block.partitions
+            adapter.compact(block, first_per_run(block.num_groups, width // runs, runs))
+    finally:
+        model.set_submodule(path, layer)
+    return candidate
+
+
+def reference_inputs(model: nn.Module, adapter: Any, inputs: Any = None) -> Any:
+    """``inputs``, or the adapter's reference input (``example_inputs()``) on the model's device."""
+    if inputs is not None:
+        return inputs
+    return to_device(adapter.example_inputs(), next(model.parameters()).device)
 
 
 @dataclass
@@ -209,17 +250,12 @@ def block_costs(model: nn.Module, inputs: Any = None, options: Any = None) -> Bl
     adapter = adapter_for(model)
     if options is not None:
         adapter.configure(options)
-    if inputs is None:
-        device = next(model.parameters()).device
-        example = adapter.example_inputs()
-        inputs = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-                  if isinstance(example, dict) else example.to(device))
+    inputs = reference_inputs(model, adapter, inputs)
     layers = list(adapter.layers())
     paths = _layer_paths(model, adapter)
     counter = flop_counter(depth=None)
     calls = capture_layer_calls(model, adapter, inputs, counter)
     dense = {"flops": float(counter.get_total_flops()), "params": float(count_parameters(model))}
-    shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
     prices, num_groups = [], {}
     for index, (layer, path) in enumerate(zip(layers, paths, strict=True)):
         args, kwargs = calls[index]
@@ -229,18 +265,10 @@ def block_costs(model: nn.Module, inputs: Any = None, options: Any = None) -> Bl
         cuttable = [p for p, b in enumerate(blocks) if halves[p] < b.num_groups]  # one group per run: fixed
         corners = {metric: np.zeros((2,) * len(cuttable)) for metric in METRICS}
         for corner in itertools.product((0, 1), repeat=len(cuttable)):
-            candidate = copy.deepcopy(layer, dict(shared)) if any(corner) else layer
-            model.set_submodule(path, candidate)
-            try:
-                for position, cut in zip(cuttable, corner, strict=True):
-                    block = adapter.blocks(index)[position]
-                    if cut:
-                        runs = block.partitions
-                        adapter.compact(block, first_per_run(block.num_groups, halves[position] // runs, runs))
-                with flop_counter(depth=None) as layer_counter:
-                    candidate(*args, **kwargs)
-            finally:
-                model.set_submodule(path, layer)
+            cuts = {position: halves[position] for position, cut in zip(cuttable, corner, strict=True) if cut}
+            candidate = cut_layer(model, adapter, index, path, cuts) if cuts else layer
+            with flop_counter(depth=None) as layer_counter:
+                candidate(*args, **kwargs)
             corners["flops"][corner] = layer_counter.get_total_flops()
             corners["params"][corner] = count_parameters(candidate)
         prices.append(LayerPrice([blocks[p].name for p in cuttable], [blocks[p].num_groups for p in cuttable],

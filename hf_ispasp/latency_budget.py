@@ -31,9 +31,8 @@ from torch import nn
 
 from .adapters.base import adapter_for
 from .atomic import _write_json_atomic
-from .budget import _layer_paths, capture_layer_calls
+from .budget import _layer_paths, capture_layer_calls, cut_layer, reference_inputs
 from .metrics import latency_ratio, measure_latency
-from .partitions import first_per_run
 
 __all__ = ["LatencyCosts", "fast_multiple", "latency_costs"]
 
@@ -126,17 +125,13 @@ def latency_costs(
     if options is not None:
         adapter.configure(options)
     device = next(model.parameters()).device
-    if inputs is None:
-        example = adapter.example_inputs()
-        inputs = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-                  if isinstance(example, dict) else example.to(device))
+    inputs = reference_inputs(model, adapter, inputs)
     model.eval()
     dense = measure_latency(model, inputs, repeats=repeats, clock=clock)
     calls = capture_layer_calls(model, adapter, inputs)
     layers, paths = list(adapter.layers()), _layer_paths(model, adapter)
     folder = None if cache_dir == "" else Path(cache_dir) if cache_dir is not None else _cache_dir()
     multiple = fast_multiple(device)
-    shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
     tables, num_groups = [], {}
     for index, (layer, path) in enumerate(zip(layers, paths, strict=True)):
         args, kwargs = calls[index]
@@ -148,7 +143,7 @@ def latency_costs(
         table = _TABLES.get(key) or _read(folder, key)
         if table is None:
             table = _measure(model, adapter, index, path, layer, args, kwargs, blocks, steps, points, repeats,
-                             clock, shared)
+                             clock)
             _write(folder, key, table)
         _TABLES[key] = table
         curves = [([int(w) for w, _ in table[str(p)]], [float(s) for _, s in table[str(p)]])
@@ -159,9 +154,7 @@ def latency_costs(
 
 def _measure(model: nn.Module, adapter: Any, index: int, path: str, layer: nn.Module, args: tuple,
              kwargs: dict[str, Any], blocks: list[Any], steps: list[int], points: int, repeats: int,
-             clock: Callable[[], float], shared: dict[int, Any]) -> dict[str, list[list[float]]]:
-    import copy
-
+             clock: Callable[[], float]) -> dict[str, list[list[float]]]:
     def run(module: nn.Module) -> Callable[[], Any]:
         return lambda: module(*args, **kwargs)
 
@@ -173,13 +166,7 @@ def _measure(model: nn.Module, adapter: Any, index: int, path: str, layer: nn.Mo
             if width == block.num_groups:
                 rows.append([width, dense])
                 continue
-            candidate = copy.deepcopy(layer, dict(shared))
-            model.set_submodule(path, candidate)
-            try:
-                runs = block.partitions
-                adapter.compact(adapter.blocks(index)[position], first_per_run(block.num_groups, width // runs, runs))
-            finally:
-                model.set_submodule(path, layer)
+            candidate = cut_layer(model, adapter, index, path, {position: width})
             comparison = latency_ratio(run(layer), run(candidate), (), repeats=repeats, rounds=1, warmup=1,
                                        clock=clock)
             rows.append([width, dense / max(comparison.speedup, 1e-12)])

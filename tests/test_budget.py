@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,10 +17,9 @@ from hf_ispasp.allocation import (
     allocate_global,
     allocate_uniform,
 )
-from hf_ispasp.budget import block_costs
+from hf_ispasp.budget import block_costs, cut_copy
 from hf_ispasp.config import kept_count
 from hf_ispasp.metrics import count_flops, count_parameters
-from hf_ispasp.partitions import first_per_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,18 +29,7 @@ def _example(model):
 
 
 def _cut(model, widths, options=None):
-    """A copy of ``model`` with every block cut to ``widths[block.name]`` (first groups of every run)."""
-    candidate = copy.deepcopy(model)
-    adapter = adapter_for(candidate)
-    if options is not None:
-        adapter.configure(options)
-    for index in range(len(adapter.layers())):
-        for block in adapter.blocks(index):
-            keep = widths[block.name]
-            if keep < block.num_groups:
-                runs = block.partitions
-                adapter.compact(block, first_per_run(block.num_groups, keep // runs, runs))
-    return candidate
+    return cut_copy(model, widths, options)
 
 
 def _random_widths(model, seed, options=None):
