@@ -119,10 +119,14 @@ def cut_copy(model: nn.Module, widths: Mapping[str, int], options: Any = None) -
 
 def cut_layer(model: nn.Module, adapter: Any, index: int, path: str, cuts: Mapping[int, int]) -> nn.Module:
     """A copy of layer ``index`` (at ``path``) with its blocks at positions ``cuts`` cut to those widths (first
-    groups of every run); the model keeps its own layer. The copy shares the model's config."""
+    groups of every run); the model keeps its own layer. The copy shares the model's config; an offloaded layer is
+    copied with its weights loaded."""
     layer = model.get_submodule(path)
     shared = {id(model.config): model.config} if getattr(model, "config", None) is not None else {}
-    candidate = copy.deepcopy(layer, shared)
+    if has_offload(layer):  # accelerate offload: a hook-free copy with the weights on the layer's device
+        candidate = materialized_copy(layer, execution_device(layer, torch.device("cpu")), shared)
+    else:
+        candidate = copy.deepcopy(layer, shared)
     model.set_submodule(path, candidate)
     try:
         for position, width in cuts.items():

@@ -72,3 +72,16 @@ def test_failed_offloaded_prune_restores_the_hooked_layers(tmp_path, monkeypatch
     assert offloaded.bert.encoder.layer[0].attention.self.query.weight.device.type == "meta"
     with torch.no_grad():
         torch.testing.assert_close(offloaded(**batch).logits, before)
+
+
+def test_offloaded_model_meets_a_flops_target_like_the_in_memory_one(tmp_path):
+    model, offloaded = _offloaded(tmp_path)
+    data = token_batches()
+    config = PrunerConfig(flops_keep_ratio=0.6, show_progress=False)
+    reference = ISpaSPPruner(model, config)
+    reference.prune(data)
+    pruner = ISpaSPPruner(offloaded, config)
+    pruner.prune(data, inplace=True)
+    assert pruner.report.budget["widths"] == reference.report.budget["widths"]
+    assert [b.kept for b in pruner.report.blocks] == [b.kept for b in reference.report.blocks]
+    assert pruner.report.budget["achieved"] == pytest.approx(reference.report.budget["achieved"])
