@@ -310,6 +310,11 @@ class ISpaSPPruner:
             curves = error_curves(model, adapter, batches, device, config, self._sum_across_processes)
         widths = widths_for_target(model, pricing, dense, ratio, allocation, config.round_to, curves, config,
                                    multiple)
+        if metric == "latency" and getattr(self.accelerator, "num_processes", 1) > 1:
+            # timings differ from process to process: every process prunes to the main process's widths
+            from accelerate.utils import broadcast_object_list
+
+            widths = broadcast_object_list([widths], from_process=0)[0]
         predicted = {m: costs.predict(m, widths) / costs.dense[m] for m in ("flops", "params")}
         if metric == "latency":
             predicted["latency"] = pricing.total(widths) / dense
