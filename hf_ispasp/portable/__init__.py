@@ -20,7 +20,7 @@ transformers save and then :func:`finish_checkpoint`; ``save_pruned`` calls :fun
 
 The same hook writes the model card (:mod:`hf_ispasp.portable.card`: ``README.md`` and a widths picture, never
 over a README.md that hf_ispasp did not write), and a pruned model's ``push_to_hub`` is
-:func:`hf_ispasp.portable.card.push_pruned`: transformers' ``push_to_hub`` would write its own README.md after
+:func:`hf_ispasp.portable.hub.push_pruned`: transformers' ``push_to_hub`` would write its own README.md after
 saving, over the card.
 """
 
@@ -291,7 +291,7 @@ class _PortableSave:
 
 
 class _PortablePush:
-    """``model.push_to_hub`` of a pruned model: :func:`hf_ispasp.portable.card.push_pruned` (checkpoint + card).
+    """``model.push_to_hub`` of a pruned model: :func:`hf_ispasp.portable.hub.push_pruned` (checkpoint + card).
 
     transformers' own ``push_to_hub`` writes its README.md after ``save_pretrained``, over the pruning card.
     """
@@ -300,7 +300,7 @@ class _PortablePush:
         self.model = model
 
     def __call__(self, repo_id: str, **kwargs: Any) -> Any:
-        from .card import push_pruned
+        from .hub import push_pruned
 
         return push_pruned(self.model, repo_id, **kwargs)
 
