@@ -128,3 +128,23 @@ def test_text_task_heads(key, head, tmp_path):
     for key_out in a.keys():
         if isinstance(a[key_out], torch.Tensor):
             torch.testing.assert_close(a[key_out], b[key_out])
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_registry_meets_a_flops_target(key, tmp_path):
+    """Every architecture prunes to a FLOPs target with per-layer widths, and the result reloads."""
+    from hf_ispasp.budget import block_costs
+
+    model = FACTORIES[key]().eval()
+    costs = block_costs(model)
+    floors = {b.name: b.partitions for b in adapter_for(model).iter_blocks()}
+    target = (1 + costs.predict("flops", floors) / costs.dense["flops"]) / 2  # halfway down the reachable range
+    pruner = ISpaSPPruner(model, PrunerConfig(flops_keep_ratio=target, show_progress=False))
+    pruned = pruner.prune(_calibration(model))
+    budget = pruner.report.budget
+    assert budget["achieved"]["flops"] <= target + 1e-12
+    assert budget["predicted"]["flops"] == pytest.approx(budget["achieved"]["flops"], rel=1e-9)
+    save_pruned(pruned, tmp_path / "ckpt")
+    batch = _calibration(model)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(_outputs(load_pruned(tmp_path / "ckpt").eval(), batch), _outputs(pruned, batch))
