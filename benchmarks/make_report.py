@@ -33,6 +33,7 @@ ORDER = [
     ("train_decoders", "7. Decoders trained here from scratch"),
     ("decoder_perplexity", "8. Decoder LLMs: perplexity against the LLM pruning methods"),
     ("peer_torch_pruning_llm", "9. Torch-Pruning on the decoders"),
+    ("gradual_pruning", "11. Gradual pruning with PruningCallback"),
 ]
 COMMANDS = """\
 Reproduce everything (about 1-2 hours on 2 CPU cores; each script also runs alone and writes
@@ -131,6 +132,12 @@ def summary(results_dir: Path) -> str:
                          f"FLOPs x{main['flops_speedup']:.2f}, "
                          f"batch 1 x{main['b1_speedup']:.2f}, batch 32 x{main['b32_speedup']:.2f} ({100 * frac:.0f}% "
                          f"for the worse of the two) -> {'met' if frac >= 0.85 else 'not met'}.")
+    gradual = {r["method"].split(" (")[0]: r for r in (_json(results_dir, "gradual_pruning") or {}).get("records", [])}
+    if "gradual" in gradual and "one-shot + fine-tune" in gradual:
+        a, b = gradual["one-shot + fine-tune"], gradual["gradual"]
+        lines.append(f"- Gradual pruning (PruningCallback, 3 prunes in the 1-epoch fine-tune) vs one-shot + the same "
+                     f"fine-tune at 0.5/0.75: accuracy {100 * b['accuracy']:.1f}% vs {100 * a['accuracy']:.1f}%, KL "
+                     f"{b['kl']:.4f} vs {a['kl']:.4f}, wall time {b['seconds']:.0f} s vs {a['seconds']:.0f} s.")
     lines += _onnx_summary(results_dir)
     lines += _load_summary(results_dir)
     lines += _decoder_summary(results_dir)

@@ -197,3 +197,50 @@ def test_load_memory(tmp_path: Path) -> None:
     for r in recs:
         assert r["checkpoint"] == "remote code" and r["finite"]  # non-uniform widths: the remote-code path
         assert 0 < r["size_mb"] < r["dense_mb"] and r["peak_extra_mb"] > 0
+
+
+@pytest.mark.slow  # three tiny models, two allocations, prune + fine-tune + latency each: about a minute
+def test_budget_allocation(tmp_path: Path, monkeypatch) -> None:
+    import budget_allocation
+
+    monkeypatch.setenv("HF_ISPASP_CACHE", str(tmp_path / "cache"))
+    argv = ["--tiny", "--targets", "0.95", "--output-dir", str(tmp_path)]  # the tiny LLaMA is mostly its LM head
+    assert budget_allocation.main(argv) == 0
+    data = _load(tmp_path, "budget_allocation")
+    recs = data["records"]
+    points = {(r["model"], r["allocation"], r["stage"]) for r in recs if r["stage"] != "dense"}
+    assert points == {(m, a, s) for m in budget_allocation.MODELS for a in budget_allocation.ALLOCATIONS
+                      for s in ("one-shot", "fine-tuned")}
+    for r in (r for r in recs if r["stage"] == "one-shot"):
+        dense = next(d for d in recs if d["model"] == r["model"] and d["stage"] == "dense")
+        # the target is met, the widths name every prunable block, and some block was cut
+        assert 0.8 < r["flops_ratio"] <= 0.95 + 1e-9 and r["flops_ratio"] == pytest.approx(r["predicted"]["flops"])
+        assert set(r["widths"]) == set(dense["blocks"])
+        assert any(r["widths"][n] < b["groups"] for n, b in dense["blocks"].items())
+        lat = r["latency"]
+        assert lat["speedup_q25"] <= lat["speedup"] <= lat["speedup_q75"] and lat["pruned_ms"] > 0
+    assert len(data["comparisons"]) == 2 * len(budget_allocation.MODELS)
+    assert {c["winner"] for c in data["comparisons"]} <= {"global", "uniform", "tie"}
+    assert (tmp_path / "budget_allocation_widths.png").stat().st_size > 1000
+    text = (tmp_path / "budget_allocation.md").read_text()
+    assert "Goal 'global beats uniform" in text and "![kept fraction" in text
+    # resuming measures nothing again; the report rebuilds from the JSON alone
+    assert budget_allocation.main([*argv, "--resume"]) == 0
+    assert len(json.loads((tmp_path / "budget_allocation.json").read_text())["records"]) == len(recs)
+    assert budget_allocation.main(["--report-only", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "budget_allocation.md").read_text() == text
+
+
+def test_gradual_pruning(tmp_path: Path) -> None:
+    import gradual_pruning
+
+    assert gradual_pruning.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    recs = _load(tmp_path, "gradual_pruning")["records"]
+    by = {r["method"]: r for r in recs}
+    one, gradual = by["one-shot + fine-tune"], by["gradual (3 prunes)"]
+    assert gradual["pruned_at"] == [0, 2, 4]
+    assert one["widths"] == gradual["widths"]  # the schedule ends at the one-shot budget
+    assert one["flops_ratio"] == pytest.approx(gradual["flops_ratio"]) and one["flops_ratio"] < 1
+    assert gradual["params_after_each"] == sorted(gradual["params_after_each"], reverse=True)
+    assert gradual["seconds"] > gradual["prune_seconds"] > 0
+    assert "| gradual (3 prunes) |" in (tmp_path / "gradual_pruning.md").read_text()
