@@ -204,3 +204,22 @@ def test_widths_that_grow_or_steps_past_the_end_are_errors_before_training(tmp_p
     PruningCallback([2, 5], _calibration(), CONFIG, trainer=trainer)
     with pytest.raises(ValueError, match="after the last training step"):
         trainer.train()
+
+
+def test_a_flops_target_is_reached_step_by_step(tmp_path):
+    from hf_ispasp.metrics import count_flops
+
+    def flops(model):
+        ids = torch.randint(1, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+        return count_flops(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    config = PrunerConfig(flops_keep_ratio=0.6, show_progress=False, activation_cache="memory")
+    trainer = _trainer(tmp_path, max_steps=3)
+    dense = flops(trainer.model)
+    callback = PruningCallback([1, 2], _calibration(), config, trainer=trainer)
+    trainer.train()
+    ratios = [r.flops_after / r.flops_before for r in callback.reports]
+    assert ratios[0] < 1 and ratios[1] < 1  # each step cuts, relative to the model it starts from
+    assert flops(trainer.model) / dense == pytest.approx(0.6, abs=0.05)
+    assert trainer.model.config.ispasp["pruner_config"]["flops_keep_ratio"] == 0.6
+    _check_optimizer(trainer)
