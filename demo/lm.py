@@ -207,12 +207,16 @@ def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16) -> float:
 
     Token-weighted (not a mean of per-batch means, which over-weights short batches); labels of -100 and
     positions with ``attention_mask == 0`` are excluded. Runs the model in eval mode without gradients and puts
-    the previous mode back.
+    the previous mode back. The per-batch NLL sums and token counts go through the package's ``perplexity``
+    ``evaluate`` module (``hf_ispasp.evaluation``), the one users load, which adds them up in batch order.
     """
+    from hf_ispasp.evaluation import compute
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset[start : start + batch_size]
@@ -225,13 +229,13 @@ def perplexity(model: nn.Module, dataset: Any, batch_size: int = 16) -> float:
             target = labels[:, 1:]
             nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                               ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((target != -100).sum())
+            sums.append(float(nll))
+            counts.append(int((target != -100).sum()))
     finally:
         model.train(was_training)
-    if count == 0:
+    if sum(counts) == 0:
         raise ValueError("perplexity: the dataset has no predicted token (every label is -100 or padding)")
-    return math.exp(total / count)
+    return compute("perplexity", nll=sums, num_tokens=counts)["perplexity"]
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ from transformers import (
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, save_pruned
 from hf_ispasp.distributed import destroy_process_group, shard_calibration_data
+from hf_ispasp.evaluation import load as load_metric
 from hf_ispasp.language_modeling import calibration_chunks, chunk_text, default_block_size, greedy_sample
 from hf_ispasp.metrics import count_parameters, latency_ratio
 from hf_ispasp.training import DistillationArguments, DistillationTrainer, iterative_prune, pruning_model_card
@@ -156,7 +156,9 @@ def perplexity(metrics: dict[str, float], prefix: str) -> float:
     slightly unless the chunks fill whole batches on every process (``--max_eval_samples``).
     """
     loss = metrics[f"{prefix}_loss"]
-    return math.exp(loss) if loss < 700 else float("inf")
+    # The Trainer's loss is already a mean per token, so one group of one token gives exp(loss); the module
+    # (hf_ispasp.evaluation's `evaluate` module, no Hub needed) returns inf where that overflows.
+    return load_metric("perplexity", keep_in_memory=True).compute(nll=[loss], num_tokens=[1])["perplexity"]
 
 
 def synchronized_clock(device: torch.device) -> Callable[[], float]:

@@ -32,9 +32,10 @@ if str(ROOT) not in sys.path:  # the repository's demo/ package (offline data, t
 import torch  # noqa: E402
 
 from demo.assets import fashion_mnist, mnist5k  # noqa: E402
-from demo.vision import ImageBatches, efficientnet_lite0_state_dict, evaluate_accuracy, train_classifier  # noqa: E402
+from demo.vision import ImageBatches, efficientnet_lite0_state_dict, train_classifier  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, save_pruned  # noqa: E402
 from hf_ispasp.budget import ffn_ratio_for_flops  # noqa: E402
+from hf_ispasp.evaluation import load as load_metric  # noqa: E402
 from hf_ispasp.metrics import count_flops  # noqa: E402
 from hf_ispasp.timm_format import create_timm_model  # noqa: E402
 
@@ -102,6 +103,21 @@ def load_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         model.load_state_dict(efficientnet_lite0_state_dict(), strict=False)
     model.reset_classifier(num_classes)
     return model
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, batches) -> float:
+    """Top-1 accuracy through the `evaluate` accuracy module that ships with hf_ispasp (no Hub needed)."""
+    accuracy = load_metric("accuracy", keep_in_memory=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for images, labels in batches:
+        images = images.to(device)
+        outputs = model(pixel_values=images) if hasattr(model, "config") else model(images)
+        accuracy.add_batch(predictions=getattr(outputs, "logits", outputs).argmax(-1).cpu(), references=labels)
+    model.train(was_training)
+    return accuracy.compute()["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -41,6 +41,7 @@ from transformers import (
 from hf_ispasp import ISpaSPPruner, PrunerConfig, save_pruned
 from hf_ispasp.classification import classification_metrics
 from hf_ispasp.distributed import destroy_process_group, shard_calibration_data
+from hf_ispasp.evaluation import load as load_metric
 from hf_ispasp.training import DistillationArguments, DistillationTrainer, iterative_prune, pruning_model_card
 
 logger = logging.getLogger(__name__)
@@ -111,11 +112,18 @@ def load_raw_datasets(data_args: DataArguments, seed: int) -> datasets.DatasetDi
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy (with its standard error) and macro F1, from the `evaluate` modules that ship with hf_ispasp.
+
+    ``load_metric("f1")`` is ``evaluate.load`` on the package's copy, so it needs no Hub; where the Hub is
+    reachable, ``evaluate.load("f1")`` computes the same.
+    """
     import torch
 
     logits, labels = eval_pred
     metrics = classification_metrics(torch.as_tensor(np.asarray(logits)), labels)
-    return {"accuracy": metrics["accuracy"], "accuracy_stderr": metrics["accuracy_stderr"]}
+    f1 = load_metric("f1", keep_in_memory=True).compute(
+        predictions=np.asarray(logits).argmax(-1), references=labels, average="macro")["f1"]
+    return {"accuracy": metrics["accuracy"], "accuracy_stderr": metrics["accuracy_stderr"], "macro_f1": f1}
 
 
 def main(argv: list[str] | None = None) -> None:

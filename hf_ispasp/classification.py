@@ -63,14 +63,22 @@ def predict_logits(model: nn.Module, tokenized: Any, tokenizer: Any, batch_size:
 def classification_metrics(
     logits: torch.Tensor, labels: Any, reference_logits: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Accuracy with its standard error; agreement and mean KL(reference || model) when a reference is given."""
-    labels_t = torch.as_tensor(np.asarray(labels))
-    correct = (logits.argmax(-1) == labels_t).float()
-    acc = float(correct.mean())
-    result = {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / len(correct)), "n": len(correct)}
+    """Accuracy with its standard error; agreement and mean KL(reference || model) when a reference is given.
+
+    The numbers come from the package's ``evaluate`` modules (:mod:`hf_ispasp.evaluation`: ``accuracy`` and
+    ``pruning_fidelity``), the ones users load with ``evaluate.load``, so a report and a user's own evaluation
+    cannot disagree. ``accuracy_stderr`` is the binomial standard error sqrt(acc (1 - acc) / n).
+    """
+    from .evaluation import compute  # importing evaluate costs seconds; only callers that score pay for it
+
+    logits = logits.detach().cpu()
+    predictions = logits.argmax(-1).numpy()
+    acc = compute("accuracy", predictions=predictions, references=np.asarray(labels))["accuracy"]
+    n = len(predictions)
+    result = {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / n), "n": n}
     if reference_logits is not None:
-        result["agreement"] = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
-        ref = torch.log_softmax(reference_logits.double(), -1)
-        cur = torch.log_softmax(logits.double(), -1)
-        result["kl"] = float((ref.exp() * (ref - cur)).sum(-1).mean())
+        fidelity = compute("pruning_fidelity", predictions=logits.double().numpy(),
+                           references=reference_logits.detach().cpu().double().numpy())
+        result["agreement"] = fidelity["agreement"]
+        result["kl"] = fidelity["kl"]
     return result
