@@ -35,6 +35,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from . import ISpaSPPruner, load_pruned, save_pruned
     from .classification import calibration_loader, classification_metrics, predict_logits, tokenize_dataset
+    from .evaluation import compute as compute_metric
     from .metrics import count_flops, count_parameters, latency_ratio
 
     try:  # the demo's data and cached fine-tune live in the repository's demo/ package, not in the library
@@ -65,7 +66,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     dense_logits = predict_logits(dense, test, tokenizer)
     pruned_logits = predict_logits(pruned, test, tokenizer)
     dense_m = classification_metrics(dense_logits, test["label"])
-    pruned_m = classification_metrics(pruned_logits, test["label"], dense_logits)
+    pruned_m = classification_metrics(pruned_logits, test["label"], dense_logits)  # the package's evaluate modules
+    pruned_m["relative_error"] = compute_metric(
+        "pruning_fidelity", predictions=pruned_logits.double().numpy(), references=dense_logits.double().numpy()
+    )["relative_error"]
 
     gen = torch.Generator().manual_seed(args.seed)
     example1 = {"input_ids": torch.randint(1000, 20000, (1, 128), generator=gen)}
@@ -95,7 +99,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         ("test accuracy (one-shot)", f"{100 * dense_m['accuracy']:.1f} ± {100 * dense_m['accuracy_stderr']:.1f}",
          f"{100 * pruned_m['accuracy']:.1f} ± {100 * pruned_m['accuracy_stderr']:.1f}",
          f"{100 * (pruned_m['accuracy'] - dense_m['accuracy']):+.1f} pts"),
-        ("agreement with dense / KL", "-", f"{100 * pruned_m['agreement']:.1f}% / {pruned_m['kl']:.4f}", "-"),
+        ("agreement with dense / KL / rel. logit error", "-",
+         f"{100 * pruned_m['agreement']:.1f}% / {pruned_m['kl']:.4f} / {pruned_m['relative_error']:.3f}", "-"),
         ("pruning wall time", "-", f"{report.seconds:.1f} s ({report.calibration_tokens} calib. tokens)", "-"),
     ]
     result = {

@@ -331,3 +331,43 @@ def test_evaluator_scores_a_pruned_model_through_a_pipeline(tmp_path):
     expected = float((predictions == torch.tensor(data["label"])).double().mean())
     assert result["accuracy"] == expected
     assert result["total_time_in_seconds"] > 0
+
+
+def test_cli_demo_reports_the_fidelity_module(tmp_path, monkeypatch, capsys):
+    """``hf-ispasp demo`` on a tiny classifier and a few sentences (stand-ins for the cached MiniLM fine-tune and
+    the polarity corpus): its accuracy, agreement, KL and relative error are the evaluate modules' numbers."""
+    import datasets
+    from lm_fixtures import polarity_sentences
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    import demo.assets
+    import demo.recipes
+    from hf_ispasp.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.assets.minilm_path())
+    torch.manual_seed(0)  # 128 positions: the demo times 128-token inputs
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    sentences = [s for s in polarity_sentences(120) if len(tokenizer(s)["input_ids"]) <= 60]
+    labels = [0] * (len(sentences) // 2) + [1] * (len(sentences) - len(sentences) // 2)
+    split = datasets.Dataset.from_dict({"text": sentences, "label": labels})
+    monkeypatch.setattr(demo.recipes, "finetuned_minilm_polarity", lambda seed=0: str(tmp_path / "model"))
+    monkeypatch.setattr(demo.assets, "polarity_dataset", lambda: datasets.DatasetDict(train=split, test=split))
+    out = tmp_path / "out.json"
+    assert main(["demo", "--calibration-samples", "16", "--latency-repeats", "1", "--ffn-keep", "0.5",
+                 "--output-dir", str(tmp_path / "pruned"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    pruned = result["pruned"]
+    assert pruned.keys() == {"accuracy", "accuracy_stderr", "n", "agreement", "kl", "relative_error"}
+    assert 0 < pruned["relative_error"] and pruned["kl"] >= 0 and pruned["n"] == len(sentences)
+    assert f"/ {pruned['relative_error']:.3f}" in capsys.readouterr().out
+    # Recomputed here from the saved pruned model: the same numbers through the modules directly.
+    from hf_ispasp import load_pruned
+    from hf_ispasp.classification import predict_logits, tokenize_dataset
+
+    tokenized = tokenize_dataset(split, tokenizer)
+    logits = predict_logits(load_pruned(tmp_path / "pruned"), tokenized, tokenizer)
+    hits = int((logits.argmax(-1) == torch.tensor(labels)).sum())
+    assert pruned["accuracy"] == hits / len(labels)
