@@ -1,4 +1,11 @@
-"""The example scripts end to end on tiny local datasets (real sentences, tiny random models): swap the data only."""
+"""The example scripts end to end on tiny local datasets (real sentences, tiny random models): swap the data only.
+
+The base scripts (``examples/{text,image}_classification.py``, ``causal_lm.py``) and ``examples/by_feature/`` run
+in-process with their ``get_dataloaders`` swapped for one that reads a few dozen local rows, as accelerate's
+``tests/test_examples.py`` swaps in ``mocked_dataloaders``; one runs under plain ``python`` and one under
+``accelerate launch`` on 2 CPU processes (slow), where the tiny files go in by ``--train_file``. The full recipes
+(``prune_*.py``: HfArgumentParser, Trainer, model card) run as subprocesses.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import save_tiny_classifier
@@ -124,7 +132,7 @@ def _load_example(path: Path, monkeypatch):
     return module
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.py")), ids=lambda p: p.name)
 def test_example_help_works(path, capsys, monkeypatch):
     """``--help`` of every example script prints its usage (a bare ``%`` in a help string crashes argparse)."""
     module = _load_example(path, monkeypatch)
@@ -264,3 +272,248 @@ def test_causal_lm_two_processes_select_as_one(lm_setup, lm_run, tmp_path):
     assert two["samples"]["pruned"] == one["samples"]["pruned"]
     assert [b["kept"] for b in two["pruning"]["blocks"]] == [b["kept"] for b in one["pruning"]["blocks"]]
     assert math.isfinite(two["perplexity"]["fine-tuned"])
+
+
+# Examples in the accelerate manner: base scripts and by_feature/ ----------------------------------------------
+
+EXAMPLES = ROOT / "examples"
+TEXT_ARGS = ["--train_steps", "2", "--calibration_samples", "40", "--batch_size", "8", "--max_length", "32",
+             "--ffn_keep_ratio", "0.5", "--head_keep_ratio", "0.5", "--learning_rate", "1e-3", "--cpu"]
+
+
+@pytest.fixture
+def examples_path(monkeypatch):
+    """``examples/`` importable (the feature scripts ``import text_classification as base``); accelerate's
+    process state reset afterwards, as accelerate's own tests do, so no ``Accelerator(cpu=True)`` leaks out."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _base(name: str):
+    return importlib.import_module(name)
+
+
+def _feature(name: str, monkeypatch):
+    return _load_example(EXAMPLES / "by_feature" / f"{name}.py", monkeypatch)
+
+
+@pytest.fixture
+def text_swap(tiny_setup, examples_path, monkeypatch) -> dict:
+    """The swap: ``text_classification.get_dataloaders`` reads the 60 train / 20 dev csv rows of ``tiny_setup``;
+    ``save_pruned`` is wrapped to keep the model the script saved (to compare with the reloaded checkpoint)."""
+    base = _base("text_classification")
+    seen: dict = {"calls": 0}
+
+    def mocked_dataloaders(accelerator, args, tokenizer):
+        seen["calls"] += 1
+        files = {"train": str(tiny_setup / "train.csv"), "test": str(tiny_setup / "dev.csv")}
+        return base.make_dataloaders(accelerator, args, tokenizer, datasets.load_dataset("csv", data_files=files))
+
+    def save_pruned(model, path, **kwargs):
+        seen["model"] = model
+        return save(model, path, **kwargs)
+
+    save = base.save_pruned
+    monkeypatch.setattr(base, "get_dataloaders", mocked_dataloaders)
+    monkeypatch.setattr(base, "save_pruned", save_pruned)
+    return seen
+
+
+def _text_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(root / "model"), "--output_dir", str(out), *TEXT_ARGS, *extra]
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(v) for values in metrics.values() for v in values.values())
+
+
+def _check_text(out: Path, results: dict, seen: dict, stages: set[str]) -> None:
+    """Metrics present and finite, results.json the returned results, the checkpoint reloads to equal logits."""
+    from hf_ispasp import load_pruned
+
+    assert seen["calls"] == 1  # the data came through the swapped loader
+    assert set(results["metrics"]) == stages and _finite(results["metrics"])
+    for name in stages - {"dense"}:
+        if "agreement" in results["metrics"][name]:
+            assert 0 <= results["metrics"][name]["agreement"] <= 1 and results["metrics"][name]["kl"] >= 0
+    saved = {k: v for k, v in results.items() if k != "hub_repo"}  # the upload comes after the save
+    assert json.loads((out / "results.json").read_text()) == saved
+    assert results["params"]["pruned"] < results["params"]["dense"]
+    reloaded = load_pruned(out).eval()
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102], [101, 2307, 2001, 1037, 3185, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, seen["model"](input_ids=ids).logits)
+
+
+def test_text_classification_base(tiny_setup, text_swap, tmp_path):
+    base = _base("text_classification")
+    out = tmp_path / "out"
+    results = base.main(_text_argv(tiny_setup, out))
+    _check_text(out, results, text_swap, {"dense", "pruned"})
+    assert results["widths"]["heads"] == [2, 2] and results["widths"]["ffn"] == [18, 18]  # round(0.5 * 37)
+    assert results["flops"]["pruned"] < results["flops"]["dense"] and results["num_processes"] == 1
+    # The reported accuracy is the saved model's on dev.csv, recomputed here independently of the script.
+    assert results["metrics"]["pruned"]["accuracy"] == pytest.approx(_dev_metrics(tiny_setup, out)[0], abs=1e-12)
+
+
+def test_distillation_feature(tiny_setup, text_swap, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    results = _feature("distillation", monkeypatch).main(_text_argv(tiny_setup, out, "--distill_steps", "3"))
+    _check_text(out, results, text_swap, {"dense", "pruned", "distilled"})
+    metrics = results["metrics"]
+    assert metrics["distilled"]["kl"] != metrics["pruned"]["kl"]  # the distillation steps changed the model
+    assert metrics["distilled"]["accuracy"] == pytest.approx(_dev_metrics(tiny_setup, out)[0], abs=1e-12)
+
+
+def test_gradual_pruning_feature(tiny_setup, text_swap, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    module = _feature("gradual_pruning", monkeypatch)
+    results = module.main(_text_argv(tiny_setup, out, "--prune_at", "0", "2", "--train_steps", "4"))
+    _check_text(out, results, text_swap, {"dense (before training)", "gradually pruned"})
+    assert results["pruned_at"] == [0, 2]
+    assert results["widths"]["heads"] == [2, 2] and results["widths"]["ffn"] == [18, 18]  # the final budget
+
+
+def test_multi_process_calibration_feature_one_process(tiny_setup, text_swap, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    results = _feature("multi_process_calibration", monkeypatch).main(_text_argv(tiny_setup, out))
+    _check_text(out, results, text_swap, {"dense", "pruned"})
+    assert results["num_processes"] == 1 and results["calibration_batches_main_process"] == 5  # 40 / 8
+    assert [len(kept) for kept in results["kept"]] == [2, 18, 2, 18]
+
+
+def test_flops_budget_feature(tiny_setup, text_swap, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = _text_argv(tiny_setup, out, "--flops_keep_ratio", "0.6", "--allocation", "uniform")
+    results = _feature("flops_budget", monkeypatch).main(argv)
+    _check_text(out, results, text_swap, {"dense", "pruned"})
+    achieved = results["flops"]["pruned"] / results["flops"]["dense"]
+    budget = results["budget"]
+    assert budget["target"] == {"flops": 0.6} and budget["allocation"] == "uniform"
+    # 4 heads of a tiny model cut FLOPs in coarse steps: near the target, and the report's own count.
+    assert achieved == pytest.approx(budget["achieved"]["flops"]) and achieved == pytest.approx(0.6, abs=0.1)
+    assert results["widths"]["ffn"] != [18, 18]  # the budget, not the base's ratios, chose the widths
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["push", "dry_run"])
+def test_hub_upload_feature(tiny_setup, text_swap, tmp_path, monkeypatch, dry_run):
+    """``--push_to_hub`` with the upload replaced by a local copy (the Hub is unreachable here), or ``--dry_run``."""
+    from test_model_card import _LocalHub
+
+    from hf_ispasp import load_pruned
+
+    hub = _LocalHub(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    argv = _text_argv(tiny_setup, out, "--push_to_hub", "--hub_model_id", "me/tiny-pruned",
+                      *(["--dry_run"] if dry_run else []))
+    results = _feature("hub_upload", monkeypatch).main(argv)
+    _check_text(out, results, text_swap, {"dense", "pruned"})
+    card = (out / "README.md").read_text()
+    accuracy = results["metrics"]["pruned"]["accuracy"]
+    assert "arxiv.org/abs/2112.04905" in card and "sentence-polarity" in card and f"value: {accuracy}" in card
+    if dry_run:
+        assert hub.uploads == [] and "hub_repo" not in results
+        return
+    assert results["hub_repo"] == "me/tiny-pruned" and {u["repo_id"] for u in hub.uploads} == {"me/tiny-pruned"}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in hub.repo.iterdir()}
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
+    with torch.no_grad():
+        expected = text_swap["model"](input_ids=ids).logits
+        torch.testing.assert_close(load_pruned(hub.repo)(input_ids=ids).logits, expected)
+
+
+def test_image_classification_base(examples_path, tmp_path, monkeypatch):
+    """A tiny timm model on 96 real Fashion-MNIST images (the swapped loader), 32 x 32 pixels."""
+    pytest.importorskip("timm")
+    from demo.assets import fashion_mnist
+    from hf_ispasp import load_pruned
+
+    base = _base("image_classification")
+    images, labels = fashion_mnist("test")
+
+    def mocked_dataloaders(accelerator, args):
+        rows = lambda s: {"image": images[s], "label": labels[s].astype("int64")}  # noqa: E731
+        raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(slice(0, 64))),
+                                    "test": datasets.Dataset.from_dict(rows(slice(64, 96)))})
+        return base.make_dataloaders(args, raw)
+
+    monkeypatch.setattr(base, "get_dataloaders", mocked_dataloaders)
+    out = tmp_path / "out"
+    results = base.main(["--model", "mobilenetv2_035", "--image_size", "32", "--batch_size", "16", "--train_steps",
+                         "2", "--calibration_samples", "32", "--ffn_keep_ratio", "0.5", "--output_dir", str(out),
+                         "--cpu"])
+    assert set(results["metrics"]) == {"dense", "pruned"} and _finite(results["metrics"])
+    assert set(results["metrics"]["pruned"]) == {"accuracy", "agreement", "kl", "relative_error"}
+    assert results["flops"]["pruned"] < results["flops"]["dense"]
+    # Accuracy of the saved checkpoint on the 32 evaluation images, recomputed here.
+    loader = mocked_dataloaders(None, base.build_parser().parse_args(["--image_size", "32"]))["eval"]
+    batch = next(iter(_one_batch(loader)))
+    with torch.no_grad():
+        predictions = load_pruned(out).eval()(batch["pixel_values"]).argmax(-1)
+    expected = float((predictions == batch["labels"]).double().mean())
+    assert results["metrics"]["pruned"]["accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
+def _one_batch(loader):
+    """A loader of one batch holding all of ``loader``'s examples."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=len(loader.dataset), collate_fn=loader.collate_fn)
+
+
+def test_causal_lm_base(lm_setup, examples_path, tmp_path, monkeypatch):
+    """The tiny LLaMA on the polarity .txt files (the swapped loader): perplexity recomputed from the checkpoint."""
+    base = _base("causal_lm")
+
+    def mocked_dataloaders(accelerator, args, tokenizer):
+        files = {"train": str(lm_setup / "train.txt"), "validation": str(lm_setup / "validation.txt")}
+        return base.make_dataloaders(accelerator, args, tokenizer, datasets.load_dataset("text", data_files=files))
+
+    monkeypatch.setattr(base, "get_dataloaders", mocked_dataloaders)
+    out = tmp_path / "out"
+    results = base.main(["--model_name_or_path", str(lm_setup / "model"), "--block_size", "32", "--max_eval_chunks",
+                         "16", "--calibration_samples", "32", "--ffn_keep_ratio", "0.5", "--head_keep_ratio", "0.5",
+                         "--output_dir", str(out), "--cpu"])
+    metrics = results["metrics"]
+    assert set(metrics["pruned"]) == {"perplexity", "agreement"} and _finite(metrics)
+    assert metrics["dense"]["perplexity"] > 1 and 0 <= metrics["pruned"]["agreement"] <= 1
+    assert results["widths"]["heads"] == [1, 1] and results["widths"]["ffn"] == [18, 18]
+    assert math.exp(_saved_lm_loss(lm_setup, out)) == pytest.approx(metrics["pruned"]["perplexity"], rel=1e-5)
+
+
+def test_text_classification_base_under_python(tiny_setup, tmp_path):
+    """``python examples/text_classification.py`` on the tiny csv files (in a subprocess, the files go by flag)."""
+    from hf_ispasp import load_pruned
+
+    out = tmp_path / "out"
+    argv = [*_text_argv(tiny_setup, out), "--train_file", str(tiny_setup / "train.csv"), "--validation_file",
+            str(tiny_setup / "dev.csv")]
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "text_classification.py"), *argv], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert _finite(results["metrics"]) and "pruned: accuracy" in proc.stdout and "parameters" in proc.stdout
+    assert results["metrics"]["pruned"]["accuracy"] == pytest.approx(_dev_metrics(tiny_setup, out)[0], abs=1e-12)
+    assert load_pruned(out).bert.encoder.layer[0].intermediate.dense.out_features == 18
+
+
+@pytest.mark.slow
+def test_multi_process_calibration_two_processes(tiny_setup, text_swap, tmp_path, monkeypatch):
+    """``accelerate launch`` on 2 CPU processes: each calibrates on its shard and selects as one process does."""
+    one = _feature("multi_process_calibration", monkeypatch).main(_text_argv(tiny_setup, tmp_path / "one"))
+    out = tmp_path / "two"
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(EXAMPLES / "accelerate_cpu.yaml"), "--main_process_port", "29744"]
+    argv = [*_text_argv(tiny_setup, out), "--train_file", str(tiny_setup / "train.csv"), "--validation_file",
+            str(tiny_setup / "dev.csv")]
+    proc = subprocess.run([*launcher, str(EXAMPLES / "by_feature" / "multi_process_calibration.py"), *argv],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((out / "results.json").read_text())
+    assert two["num_processes"] == 2 and two["calibration_batches_main_process"] == 3  # batches 0, 2, 4 of 5
+    assert two["kept"] == one["kept"] and two["widths"] == one["widths"]
+    assert two["metrics"]["dense"] == one["metrics"]["dense"]  # all 20 dev rows gathered, none twice
+    assert two["metrics"]["pruned"]["accuracy"] == one["metrics"]["pruned"]["accuracy"]

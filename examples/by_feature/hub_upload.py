@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the base script
 
 import text_classification as base  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
 
 from hf_ispasp import ISpaSPPruner, set_card_info  # noqa: E402
 
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.push_to_hub and not args.dry_run and accelerator.is_main_process:
         repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
         pruned.push_to_hub(repo_id, token=args.hub_token, private=args.private, commit_message="i-SpaSP pruned")
-        tokenizer.push_to_hub(repo_id, token=args.hub_token)
+        with tempfile.TemporaryDirectory() as folder:  # the tokenizer's files, in a second commit
+            tokenizer.save_pretrained(folder)
+            HfApi(token=args.hub_token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message="tokenizer")
         results["hub_repo"] = repo_id
         print(f"uploaded to https://huggingface.co/{repo_id}")
     return results
