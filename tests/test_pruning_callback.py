@@ -7,7 +7,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
-from hf_ispasp.training import DistillationArguments, DistillationTrainer, PruningCallback, _target_counts
+from hf_ispasp.pruning_callback import _target_counts
+from hf_ispasp.training import DistillationArguments, DistillationTrainer, PruningCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
