@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="optimizer steps of the gradual prunes (default 0, 1/3, 2/3 of the run)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the markdown from the existing JSON")
+    parser.add_argument("--gradual-only", action="store_true",
+                        help="run only the gradual arm and add it to the existing JSON (an interrupted run)")
     args = parser.parse_args(argv)
     if args.report_only:
         data = json.loads((args.output_dir / f"{NAME}.json").read_text())
@@ -71,16 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         steps_in_run = total.args.max_steps if total.args.max_steps > 0 else round(
             args.epochs * len(total.get_train_dataloader()))
     steps = args.steps or [0, steps_in_run // 3, 2 * steps_in_run // 3]
-    results = common.Results(args.output_dir, NAME, meta={
+    results = common.Results(args.output_dir, NAME, resume=args.gradual_only, meta={
         "tiny": args.tiny, "epochs": args.epochs, "lr": args.lr, "train_sentences": len(task.train),
         "test_sentences": len(task.test), "calibration_sentences": len(task.calibration), "ffn_keep_ratio": FFN,
         "head_keep_ratio": HEADS, "schedule_steps": steps, "training_steps": steps_in_run,
         "pruner_config": config.to_dict(),
     })
-    results.add({"method": "dense", **task.dense_metrics, "seconds": 0.0})
     calibration = task.calibration_loader(labels=False)
+    results.data["records"] = [r for r in results.records if not r["method"].startswith("gradual")]
+    if not args.gradual_only:
+        results.data["records"] = [{"method": "dense", **task.dense_metrics, "seconds": 0.0}]
+        one_shot(task, config, calibration, args, results)
+    gradual(task, config, calibration, args, steps, results)
+    report(results.records, results.data["meta"], args.output_dir)
+    print(f"wrote {results.path}")
+    return 0
 
-    # (a) one-shot prune, then the fine-tune
+
+def one_shot(task: Any, config: PrunerConfig, calibration: Any, args: Any, results: common.Results) -> None:
+    """(a) one-shot prune, then the fine-tune."""
     torch.manual_seed(0)
     pruner = ISpaSPPruner(task.model, config)
     pruned, prune_seconds = common.timed(pruner.prune, calibration)
@@ -97,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one-shot + fine-tune: accuracy {record['accuracy']:.4f} in {prune_seconds + train_seconds:.0f}s",
           flush=True)
 
-    # (b) the same fine-tune on the dense model, pruned three times on the way
+
+def gradual(task: Any, config: PrunerConfig, calibration: Any, args: Any, steps: list[int],
+            results: common.Results) -> None:
+    """(b) the same fine-tune on the dense model, pruned three times on the way."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(copy.deepcopy(task.model), task, args, tmp)
@@ -110,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
                  "widths": widths(trainer.model), "pruned_at": callback.pruned_at,
                  "params_after_each": [r.params_after for r in callback.reports], "final_loss": _last_loss(trainer)})
     print(f"gradual: accuracy {record['accuracy']:.4f} in {seconds:.0f}s", flush=True)
-    report(results.records, results.data["meta"], args.output_dir)
-    print(f"wrote {results.path}")
-    return 0
 
 
 def _last_loss(trainer) -> float | None:
