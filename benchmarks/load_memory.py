@@ -168,7 +168,8 @@ def report(data: dict[str, Any], output_dir: Path) -> str:
         ("model", "model"), ("checkpoint", "checkpoint"), ("loader", "method"), ("dense MB", "dense_mb"),
         ("pruned MB", "size_mb"), ("peak extra MB, median (min-max)", "peak"), ("peak / pruned size", "ratio"),
     ])
-    text = (f"Peak extra resident memory of one load in a fresh process ({data['meta']['repeats']} loads each), "
+    text = (f"## Memory of loading a pruned checkpoint\n\n"
+            f"Peak extra resident memory of one load in a fresh process ({data['meta']['repeats']} loads each), "
             f"against the pruned model's size. torch {data['meta']['torch']}, transformers "
             f"{data['meta']['transformers']}.\n\n{table}\n")
     common.write_fragment(output_dir, NAME, text)
