@@ -33,6 +33,7 @@ ORDER = [
     ("train_decoders", "7. Decoders trained here from scratch"),
     ("decoder_perplexity", "8. Decoder LLMs: perplexity against the LLM pruning methods"),
     ("peer_torch_pruning_llm", "9. Torch-Pruning on the decoders"),
+    ("budget_allocation", "10. Budgets: FLOPs targets, uniform vs global allocation"),
     ("gradual_pruning", "11. Gradual pruning with PruningCallback"),
 ]
 COMMANDS = """\
@@ -141,6 +142,7 @@ def summary(results_dir: Path) -> str:
     lines += _onnx_summary(results_dir)
     lines += _load_summary(results_dir)
     lines += _decoder_summary(results_dir)
+    lines += _budget_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -192,6 +194,38 @@ def _decoder_summary(results_dir: Path) -> list[str]:
         if cells:
             lines.append(f"- Decoder goal 'default rule lowest one-shot perplexity at every budget' ({kind}): "
                          + "; ".join(cells) + ".")
+    return lines
+
+
+def _budget_summary(results_dir: Path) -> list[str]:
+    """Issue 11's goals: global beats uniform at every budget on every model (the script's per-point comparisons,
+    computed from its records), and MiniLM at FLOPs keep 0.5 one-shot within 1 accuracy point of dense."""
+    data = _json(results_dir, "budget_allocation")
+    comparisons = (data or {}).get("comparisons") or []
+    if not comparisons:
+        return []
+    lines = []
+    for stage in ("one-shot", "fine-tuned"):
+        at = [c for c in comparisons if c["stage"] == stage]
+        if not at:
+            continue
+        lost = [f"{c['model']} {c['target']:g}" + (" (tie)" if c["winner"] == "tie" else "")
+                for c in at if c["winner"] != "global"]
+        missing = [m for m in ("minilm", "efficientnet", "llama") if m not in {c["model"] for c in at}]
+        verdict = "not met" if lost else "met so far" if missing else "met"
+        lines.append(f"- Budgets, goal 'global allocation beats uniform at every FLOPs target on every model' "
+                     f"({stage}): global better at {len(at) - len(lost)} of {len(at)} points"
+                     + (f", not at {', '.join(lost)}" if lost else "")
+                     + (f"; not measured yet: {', '.join(missing)}" if missing else "") + f" -> {verdict}.")
+    recs = data["records"]
+    dense = next((r for r in recs if r["model"] == "minilm" and r["stage"] == "dense"), None)
+    ours = next((r for r in recs if r["model"] == "minilm" and r.get("target") == 0.5
+                 and r.get("allocation") == "global" and r["stage"] == "one-shot"), None)
+    if dense and ours:
+        gap = 100 * (dense["accuracy"] - ours["accuracy"])
+        lines.append("- Budgets, goal 'MiniLM at FLOPs keep 0.5 (global) within 1 accuracy point of dense, one-shot': "
+                     f"{100 * ours['accuracy']:.1f}% vs {100 * dense['accuracy']:.1f}% ({gap:+.1f} points, achieved "
+                     f"FLOPs {ours['flops_ratio']:.3f}) -> {'met' if gap <= 1 else 'not met'}.")
     return lines
 
 
