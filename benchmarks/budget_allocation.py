@@ -20,6 +20,7 @@ perplexity for LLaMA. Writes ``budget_allocation.json`` (a record per measured p
 
     python benchmarks/budget_allocation.py [--models minilm,efficientnet,llama] [--targets 0.7,0.5,0.35]
                                            [--no-finetune] [--resume] [--tiny] [--output-dir DIR]
+    python benchmarks/budget_allocation.py --latency-only    # time every point again from its recorded widths
     python benchmarks/budget_allocation.py --report-only     # markdown and PNG again from the JSON
 """
 
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for  # noqa: E402
 from hf_ispasp.allocation import InfeasibleBudgetError  # noqa: E402
 from hf_ispasp.metrics import count_flops, count_parameters, latency_ratio  # noqa: E402
+from hf_ispasp.partitions import first_per_run  # noqa: E402
 
 NAME = "budget_allocation"
 MODELS = ("minilm", "efficientnet", "llama")
@@ -177,12 +179,48 @@ def blocks_of(model: Any) -> dict[str, dict[str, Any]]:
     return {b.name: {"kind": b.kind, "layer": b.layer, "groups": b.num_groups} for b in adapter.iter_blocks()}
 
 
-def latency(bench: Bench, pruned: Any, repeats: int) -> dict[str, float]:
-    """Batch-1 CPU latency of dense and pruned, timed in interleaved pairs (median speedup and its IQR)."""
-    lat = latency_ratio(bench.dense, pruned, bench.latency_inputs, repeats=repeats, rounds=3)
+def latency(bench: Bench, pruned: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Batch-1 CPU latency of dense and pruned, timed in interleaved pairs (median speedup and its IQR).
+
+    With ``--latency-threads`` torch threads (default 1: on a shared machine a thread pool waits for threads that
+    another job has descheduled, which made 2-thread forwards of MiniLM 10-100x slower at random).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.latency_threads)
+    try:
+        repeats = 2 if args.tiny else args.latency_repeats
+        lat = latency_ratio(bench.dense, pruned, bench.latency_inputs, repeats=repeats, rounds=3)
+    finally:
+        torch.set_num_threads(threads)
     return {"dense_ms": 1e3 * lat.baseline_s, "pruned_ms": 1e3 * lat.candidate_s, "speedup": lat.speedup,
             "speedup_q25": lat.speedup_q25, "speedup_q75": lat.speedup_q75, "pairs": lat.pairs,
-            "threads": torch.get_num_threads()}
+            "threads": args.latency_threads}
+
+
+def cut_to(model: Any, widths: dict[str, int]) -> Any:
+    """A copy of ``model`` with every block cut to ``widths`` (its first groups: latency depends on widths only)."""
+    out = copy.deepcopy(model).eval()
+    adapter = adapter_for(out)
+    for index in range(len(adapter.layers())):
+        for block in adapter.blocks(index):
+            keep = widths.get(block.name, block.num_groups)
+            if keep < block.num_groups:
+                adapter.compact(block, first_per_run(block.num_groups, keep // block.partitions, block.partitions))
+    return out
+
+
+def retime(bench: Bench, args: argparse.Namespace, results: common.Results) -> None:
+    """Latency of every one-shot point of ``bench`` again, on the dense model cut to the recorded widths."""
+    dense_flops = count_flops(bench.dense, bench.latency_inputs)
+    for row in results.records:
+        if row["model"] != bench.name or row["stage"] != "one-shot":
+            continue
+        model = bench.after_prune(cut_to(bench.dense, row["widths"]))
+        row["latency"] = {**latency(bench, model, args),
+                          "flops_ratio": count_flops(model, bench.latency_inputs) / dense_flops}
+        results.flush()
+        print(f"{bench.name} {row['target']} {row['allocation']}: x{row['latency']['speedup']:.2f} "
+              f"({row['latency']['speedup_q25']:.2f}-{row['latency']['speedup_q75']:.2f})", flush=True)
 
 
 def done(results: common.Results, model: str, target: float, allocation: str, finetune: bool) -> bool:
@@ -221,7 +259,7 @@ def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, re
         row = {**key, "stage": "one-shot", **bench.evaluate(pruned), "flops_ratio": budget["achieved"]["flops"],
                "params_ratio": budget["achieved"]["params"], "predicted": budget["predicted"],
                "widths": budget["widths"], "prune_s": seconds,
-               "latency": latency(bench, pruned, 2 if args.tiny else args.latency_repeats)}
+               "latency": latency(bench, pruned, args)}
         results.add(row)
         print(f"{bench.name} {target} {allocation}: {_metrics_text(row)}, FLOPs {row['flops_ratio']:.3f}, "
               f"x{row['latency']['speedup']:.2f} ({seconds:.0f}s)", flush=True)
@@ -348,17 +386,21 @@ def verdict_lines(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def report(data: dict[str, Any], png: Path | None) -> str:
     records, meta = data["records"], data["meta"]
+    threads = meta.get("latency_threads", meta.get("threads"))
     lines = ["## Budgets: FLOPs targets, uniform vs global allocation", "",
              "`PrunerConfig(flops_keep_ratio=t, allocation=a)` with the library defaults otherwise (i-SpaSP, "
              "l2 proxy, validated re-fit). `uniform` keeps the same fraction of every block (the largest meeting "
              "the target); `global` spreads the target over the blocks by water-filling on each block's "
              "residual-vs-width curve (`hf_ispasp.allocation`). FLOPs are torch's FlopCounterMode at the adapter's "
              "reference input (one sequence of 128 tokens; one image at the model's resolution), achieved = after "
-             f"compaction. CPU speedup: batch 1 at the same reference input, {meta.get('threads')} torch threads, "
-             f"dense and pruned timed in {meta.get('latency_pairs')} interleaved pairs "
+             f"compaction. CPU speedup: batch 1 at the same reference input, {threads} torch thread(s), dense and "
+             f"pruned timed in {meta.get('latency_pairs')} interleaved pairs "
              "(`hf_ispasp.metrics.latency_ratio`), median of the per-pair ratios with the inter-quartile range; the "
              "machine was shared with other jobs, so only the ratios mean anything. Metrics one-shot and after the "
-             "short fine-tune named below (same recipe, seed and steps for both allocations).", ""]
+             "short fine-tune named below (same recipe, seed and steps for both allocations)."
+             + (" Latency was timed after the runs on the dense model cut to each point's recorded widths "
+                "(`--latency-only`: speed depends on the widths only; the FLOPs of the cut model equal the pruned "
+                "model's)." if any("flops_ratio" in (r.get("latency") or {}) for r in records) else ""), ""]
     for model in dict.fromkeys(r["model"] for r in records):
         dense = next((r for r in records if r["model"] == model and r["stage"] == "dense"), {})
         lines += [f"### {LABELS.get(model, model)}", "",
@@ -450,6 +492,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minilm-epochs", type=float, default=0.25, help="MiniLM fine-tune, in epochs")
     parser.add_argument("--efficientnet-steps", type=int, default=30, help="EfficientNet fine-tune steps (batch 64)")
     parser.add_argument("--latency-repeats", type=int, default=20, help="timed pairs per round (3 rounds)")
+    parser.add_argument("--latency-threads", type=int, default=1, help="torch threads while timing")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="keep the JSON's records, time every point again from its recorded widths")
     parser.add_argument("--notes", default="", help="a paragraph for the markdown (e.g. what was left out)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -471,15 +516,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.perf_counter()
-    before = json.loads(path.read_text())["meta"] if args.resume and path.exists() else {}
+    resume = args.resume or args.latency_only
+    before = json.loads(path.read_text())["meta"] if resume and path.exists() else {}
     command = "python benchmarks/budget_allocation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"tiny": args.tiny, "finetune": not args.no_finetune,
-            "latency_pairs": 3 * (2 if args.tiny else args.latency_repeats),
+            "latency_pairs": 3 * (2 if args.tiny else args.latency_repeats), "latency_threads": args.latency_threads,
             "notes": " ".join(n for n in (before.get("notes", ""), args.notes) if n),
             "commands": [*before.get("commands", []), command.strip()]}
-    results = common.Results(args.output_dir, NAME, meta=meta, resume=args.resume)
+    results = common.Results(args.output_dir, NAME, meta=meta, resume=resume)
     for model in args.models:
-        measure(SETUPS[model](args), args.targets, args, results)
+        if not args.latency_only:
+            measure(SETUPS[model](args), args.targets, args, results)
+        elif any(r["model"] == model for r in results.records):
+            retime(SETUPS[model](args), args, results)
         results.data["meta"]["wall_s"] = before.get("wall_s", 0.0) + time.perf_counter() - start
         finish(results.data, args.output_dir)  # the fragment and the picture so far, as the JSON
         results.flush()

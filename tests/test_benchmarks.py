@@ -226,6 +226,11 @@ def test_budget_allocation(tmp_path: Path, monkeypatch) -> None:
     # resuming measures nothing again; the report rebuilds from the JSON alone
     assert budget_allocation.main([*argv, "--resume", "--models", "minilm"]) == 0
     assert len(json.loads((tmp_path / "budget_allocation.json").read_text())["records"]) == len(recs)
+    # timed again from the recorded widths alone: the dense model cut to them costs what the pruned model did
+    assert budget_allocation.main([*argv, "--latency-only", "--models", "minilm"]) == 0
+    recs = json.loads((tmp_path / "budget_allocation.json").read_text())["records"]
+    for r in (r for r in recs if r["model"] == "minilm" and r["stage"] == "one-shot"):
+        assert r["latency"]["flops_ratio"] == pytest.approx(r["flops_ratio"]) and r["latency"]["threads"] == 1
     text = (tmp_path / "budget_allocation.md").read_text()
     assert budget_allocation.main(["--report-only", "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "budget_allocation.md").read_text() == text and "![kept fraction" in text
