@@ -229,8 +229,11 @@ def done(results: common.Results, model: str, target: float, allocation: str, fi
     return "infeasible" in stages or {"one-shot", "fine-tuned"} <= stages or (not finetune and "one-shot" in stages)
 
 
-def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, results: common.Results) -> None:
-    """Dense row (once), then every (target, allocation): prune, evaluate, time, fine-tune, evaluate."""
+def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, results: common.Results,
+            stamp: Callable[[], None] = lambda: None) -> None:
+    """Dense row (once), then every (target, allocation): prune, evaluate, time, fine-tune, evaluate.
+
+    ``stamp`` runs before every record is written (it keeps the run's wall time in the JSON up to date)."""
     finetune = not args.no_finetune
     todo = [(t, a) for t in targets for a in ALLOCATIONS if not done(results, bench.name, t, a, finetune)]
     dense_row = next((r for r in results.records if r["model"] == bench.name and r["stage"] == "dense"), None)
@@ -238,6 +241,7 @@ def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, re
         dense_row = {"model": bench.name, "stage": "dense", **bench.evaluate(bench.dense),
                      "flops": count_flops(bench.dense, bench.latency_inputs),
                      "params": count_parameters(bench.dense), "blocks": blocks_of(bench.dense), **bench.meta}
+        stamp()
         results.add(dense_row)
         print(f"{bench.name} dense: {_metrics_text(dense_row)}", flush=True)
     for target, allocation in todo:
@@ -251,6 +255,7 @@ def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, re
         try:
             pruned, seconds = common.timed(pruner.prune, bench.calibration)
         except InfeasibleBudgetError as error:
+            stamp()
             results.add({**key, "stage": "infeasible", "error": str(error)})
             print(f"{bench.name} {target} {allocation}: {error}", flush=True)
             continue
@@ -260,12 +265,14 @@ def measure(bench: Bench, targets: Sequence[float], args: argparse.Namespace, re
                "params_ratio": budget["achieved"]["params"], "predicted": budget["predicted"],
                "widths": budget["widths"], "prune_s": seconds,
                "latency": latency(bench, pruned, args)}
+        stamp()
         results.add(row)
         print(f"{bench.name} {target} {allocation}: {_metrics_text(row)}, FLOPs {row['flops_ratio']:.3f}, "
               f"x{row['latency']['speedup']:.2f} ({seconds:.0f}s)", flush=True)
         if finetune:
             tuned, seconds = common.timed(bench.finetune, pruned)
             row = {**key, "stage": "fine-tuned", **bench.evaluate(tuned), "finetune_s": seconds}
+            stamp()
             results.add(row)
             print(f"{bench.name} {target} {allocation} fine-tuned: {_metrics_text(row)} ({seconds:.0f}s)", flush=True)
 
@@ -288,12 +295,18 @@ def compare(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         metric, sign, tie_break = PRIMARY[model]
         glob, uni = rows["global"], rows["uniform"]
         diff = sign * (glob[metric] - uni[metric])
+        point = {"model": model, "target": target, "stage": stage, "metric": metric, "global": glob[metric],
+                 "uniform": uni[metric]}
         if diff == 0 and tie_break is not None:
             diff = uni[tie_break] - glob[tie_break]
-        winner = "global" if diff > 0 else "uniform" if diff < 0 else "tie"
-        out.append({"model": model, "target": target, "stage": stage, "metric": metric, "global": glob[metric],
-                    "uniform": uni[metric], "winner": winner})
-    return out
+            point.update(tie_break=tie_break, global_tie_break=glob[tie_break], uniform_tie_break=uni[tie_break])
+        point["winner"] = "global" if diff > 0 else "uniform" if diff < 0 else "tie"
+        one_shot = {r["allocation"]: r for r in records if (r["model"], r.get("target"), r["stage"])
+                    == (model, target, "one-shot")}
+        point["flops"] = {a: one_shot[a]["flops_ratio"] for a in ALLOCATIONS if a in one_shot}
+        out.append(point)
+    order = {m: i for i, m in enumerate(MODELS)}
+    return sorted(out, key=lambda c: (order.get(c["model"], len(order)), -c["target"], c["stage"] != "one-shot"))
 
 
 def minilm_goal(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -368,20 +381,38 @@ def verdict_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     for c in comparisons:
         metric = c["metric"]
         scale, fmt = (1, "{:.2f}") if metric == "ppl" else (100, "{:.1f}")
-        sign = "global" if c["winner"] == "global" else c["winner"]
-        lines.append(f"- {c['model']}, FLOPs {c['target']:g}, {c['stage']}: global {fmt.format(scale * c['global'])} "
-                     f"vs uniform {fmt.format(scale * c['uniform'])} ({metric}) -> "
-                     + ("global better" if sign == "global" else "uniform better" if sign == "uniform" else "tie"))
+        text = (f"- {c['model']}, FLOPs {c['target']:g}, {c['stage']}: {metric} global "
+                f"{fmt.format(scale * c['global'])} vs uniform {fmt.format(scale * c['uniform'])}")
+        if "tie_break" in c:
+            text += (f" (equal; {c['tie_break']} {c['global_tie_break']:.4f} vs {c['uniform_tie_break']:.4f} decides)")
+        flops = c.get("flops", {})
+        if len(flops) == 2 and abs(flops["global"] - flops["uniform"]) > 0.005:
+            text += f" at achieved FLOPs {flops['global']:.3f} vs {flops['uniform']:.3f}"
+        verdict = {"global": "global better", "uniform": "**uniform better**"}.get(c["winner"], "tie")
+        lines.append(f"{text} -> {verdict}")
     if comparisons:
         wins = sum(c["winner"] == "global" for c in comparisons)
         lines.append(f"- Goal 'global beats uniform at every budget on every model': global better at {wins} of "
                      f"{len(comparisons)} points -> {'met' if wins == len(comparisons) else 'not met'}.")
+    dense = next((r for r in records if r["model"] == "minilm" and r["stage"] == "dense"), None)
+    if dense and dense.get("accuracy_stderr"):
+        n = round(dense["accuracy"] * (1 - dense["accuracy"]) / dense["accuracy_stderr"] ** 2)
+        lines.append(f"- MiniLM's accuracy is counted on {n} sentences: one sentence is {100 / n:.3f} points and the "
+                     f"standard error of one accuracy is {100 * dense['accuracy_stderr']:.1f} points, so verdicts by "
+                     "a few sentences are not significant; KL and agreement with the dense model are the finer "
+                     "measure.")
     goal = minilm_goal(records)
     if goal:
         lines.append(f"- Goal 'MiniLM at 2x FLOPs reduction within {goal['limit_points']:g} accuracy point of dense, "
                      f"one-shot': global allocation at FLOPs {goal['target']:g} is {goal['gap_points']:+.1f} points "
                      f"below dense -> {'met' if goal['met'] else 'not met'}.")
     return lines
+
+
+def _models(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The models of the records, in the order of ``MODELS``."""
+    present = {r["model"] for r in records}
+    return [m for m in MODELS if m in present] + sorted(present - set(MODELS))
 
 
 def report(data: dict[str, Any], png: Path | None) -> str:
@@ -401,14 +432,14 @@ def report(data: dict[str, Any], png: Path | None) -> str:
              + (" Latency was timed after the runs on the dense model cut to each point's recorded widths "
                 "(`--latency-only`: speed depends on the widths only; the FLOPs of the cut model equal the pruned "
                 "model's)." if any("flops_ratio" in (r.get("latency") or {}) for r in records) else ""), ""]
-    for model in dict.fromkeys(r["model"] for r in records):
+    for model in _models(records):
         dense = next((r for r in records if r["model"] == model and r["stage"] == "dense"), {})
         lines += [f"### {LABELS.get(model, model)}", "",
                   f"Calibration: {dense.get('calibration', '?')}. Fine-tune: {dense.get('finetune', '?')}. "
                   f"Test: {dense.get('test', '?')}.", "", model_table(model, records), ""]
     lines += ["### Global against uniform", "", *verdict_lines(records), ""]
     targets = sorted({r["target"] for r in records if "target" in r}, reverse=True)
-    for model in dict.fromkeys(r["model"] for r in records):
+    for model in _models(records):
         missing = [t for t in targets if not any(r["model"] == model and r.get("target") == t for r in records)]
         if missing:
             lines += [f"Not measured: {model} at FLOPs {', '.join(f'{t:g}' for t in missing)}.", ""]
@@ -432,7 +463,7 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    models = list(dict.fromkeys(r["model"] for r in records if r["stage"] == "one-shot"))
+    models = [m for m in _models(records) if any(r["model"] == m and r["stage"] == "one-shot" for r in records)]
     targets = sorted({r["target"] for r in records if r["stage"] == "one-shot"}, reverse=True)
     if not models or not targets:
         return None
@@ -524,12 +555,16 @@ def main(argv: list[str] | None = None) -> int:
             "notes": " ".join(n for n in (before.get("notes", ""), args.notes) if n),
             "commands": [*before.get("commands", []), command.strip()]}
     results = common.Results(args.output_dir, NAME, meta=meta, resume=resume)
+
+    def stamp() -> None:
+        results.data["meta"]["wall_s"] = before.get("wall_s", 0.0) + time.perf_counter() - start
+
     for model in args.models:
         if not args.latency_only:
-            measure(SETUPS[model](args), args.targets, args, results)
+            measure(SETUPS[model](args), args.targets, args, results, stamp)
         elif any(r["model"] == model for r in results.records):
             retime(SETUPS[model](args), args, results)
-        results.data["meta"]["wall_s"] = before.get("wall_s", 0.0) + time.perf_counter() - start
+        stamp()
         finish(results.data, args.output_dir)  # the fragment and the picture so far, as the JSON
         results.flush()
     text = finish(results.data, args.output_dir)
