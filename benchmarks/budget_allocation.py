@@ -45,8 +45,8 @@ import torch  # noqa: E402
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for  # noqa: E402
 from hf_ispasp.allocation import InfeasibleBudgetError  # noqa: E402
+from hf_ispasp.budget import cut_copy  # noqa: E402
 from hf_ispasp.metrics import count_flops, count_parameters, latency_ratio  # noqa: E402
-from hf_ispasp.partitions import first_per_run  # noqa: E402
 
 NAME = "budget_allocation"
 MODELS = ("minilm", "efficientnet", "llama")
@@ -197,25 +197,13 @@ def latency(bench: Bench, pruned: Any, args: argparse.Namespace) -> dict[str, fl
             "threads": args.latency_threads}
 
 
-def cut_to(model: Any, widths: dict[str, int]) -> Any:
-    """A copy of ``model`` with every block cut to ``widths`` (its first groups: latency depends on widths only)."""
-    out = copy.deepcopy(model).eval()
-    adapter = adapter_for(out)
-    for index in range(len(adapter.layers())):
-        for block in adapter.blocks(index):
-            keep = widths.get(block.name, block.num_groups)
-            if keep < block.num_groups:
-                adapter.compact(block, first_per_run(block.num_groups, keep // block.partitions, block.partitions))
-    return out
-
-
 def retime(bench: Bench, args: argparse.Namespace, results: common.Results) -> None:
     """Latency of every one-shot point of ``bench`` again, on the dense model cut to the recorded widths."""
     dense_flops = count_flops(bench.dense, bench.latency_inputs)
     for row in results.records:
         if row["model"] != bench.name or row["stage"] != "one-shot":
             continue
-        model = bench.after_prune(cut_to(bench.dense, row["widths"]))
+        model = bench.after_prune(cut_copy(bench.dense, row["widths"]).eval())
         row["latency"] = {**latency(bench, model, args),
                           "flops_ratio": count_flops(model, bench.latency_inputs) / dense_flops}
         results.flush()

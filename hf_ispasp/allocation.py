@@ -83,10 +83,13 @@ class BudgetBlock:
     counts: list[int] = field(default_factory=list)  # error curve: groups kept ...
     errors: list[float] = field(default_factory=list)  # ... and the (weighted) output error at that count
 
+    def __post_init__(self) -> None:
+        order = np.argsort(self.counts)  # sorted once: error() runs for every step of the water-filling
+        self._curve = (np.asarray(self.counts, dtype=float)[order], np.asarray(self.errors, dtype=float)[order])
+
     def error(self, kept: int) -> float:
         """The error curve at ``kept`` groups (linear between the measured points)."""
-        order = np.argsort(self.counts)
-        return float(np.interp(kept, np.asarray(self.counts)[order], np.asarray(self.errors)[order]))
+        return float(np.interp(kept, *self._curve))
 
     def down(self, kept: int) -> int:
         """The next allowed count below ``kept`` (``kept`` itself at the floor)."""

@@ -181,6 +181,10 @@ class BlockCosts:
         """The cost of the model with these kept groups per block (the others dense)."""
         return self._fixed[metric] + sum(layer.value(metric, widths) for layer in self.layers)
 
+    def layer_for(self, name: str) -> LayerPrice | None:
+        """The priced layer that holds block ``name`` (``None``: a block that cannot be cut)."""
+        return self._layer_of.get(name)
+
     def pricing(self, metric: str) -> MetricPricing:
         """The :class:`~hf_ispasp.allocation.Pricing` of ``metric`` for the allocation."""
         return MetricPricing(self, metric)
@@ -197,13 +201,13 @@ class MetricPricing:
         return self.costs.predict(self.metric, widths)
 
     def change(self, widths: Mapping[str, int], name: str, new: int) -> float:
-        layer = self.costs._layer_of.get(name)
+        layer = self.costs.layer_for(name)
         if layer is None:
             return 0.0
         return layer.value(self.metric, {**widths, name: new}) - layer.value(self.metric, widths)
 
     def partners(self, name: str) -> list[str]:
-        layer = self.costs._layer_of.get(name)
+        layer = self.costs.layer_for(name)
         return [other for other in layer.names if other != name] if layer is not None else []
 
 

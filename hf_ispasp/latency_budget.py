@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +67,16 @@ class LatencyCosts:
     dense: float
     layers: list[_LayerTable]
     num_groups: dict[str, int]
-    layer_of: dict[str, _LayerTable] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layer_of = {name: layer for layer in self.layers for name in layer.names}
+        self._layer_of = {name: layer for layer in self.layers for name in layer.names}
         self._fixed = self.dense - sum(layer.dense_seconds for layer in self.layers)
 
     def total(self, widths: Mapping[str, int]) -> float:
         return self._fixed + sum(layer.value(widths) for layer in self.layers)
 
     def change(self, widths: Mapping[str, int], name: str, new: int) -> float:
-        layer = self.layer_of.get(name)
+        layer = self._layer_of.get(name)
         return 0.0 if layer is None else layer.value({**widths, name: new}) - layer.value(widths)
 
     def partners(self, name: str) -> Sequence[str]:

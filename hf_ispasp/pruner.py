@@ -89,7 +89,7 @@ class PruningReport:
     seconds_selection: float = 0.0
     # Bytes of calibration activations held per cache tier (device / cpu / disk) at the end of the prune.
     activation_cache_bytes: dict[str, int] = field(default_factory=dict)
-    # With a FLOPs/params target: {"target", "allocation", "widths", "predicted", "achieved"} (see PrunerConfig).
+    # With a target: {"target", "allocation", "widths", "predicted", "achieved"} and, for latency, the timing.
     budget: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

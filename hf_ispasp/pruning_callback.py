@@ -219,6 +219,13 @@ class PruningCallback(TrainerCallback):
         trainer = self._trainer()
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def _dense_model(self) -> _DenseModel:
+        """Widths of the model as attached (set by :meth:`attach`, together with the trainer)."""
+        self._trainer()
+        if self._dense is None:
+            raise RuntimeError("PruningCallback.attach(trainer) did not finish: attach it again")
+        return self._dense
+
     def _trainer(self) -> Trainer:
         if self.trainer is None:
             raise RuntimeError("PruningCallback is not attached to a trainer: call callback.attach(trainer) before "
@@ -235,8 +242,7 @@ class PruningCallback(TrainerCallback):
         step = state.global_step
         self._done = sum(s < step or (s == step and step > 0) for s in self.steps)
         if self._done:  # resumed: the checkpoint's widths must be those of the last prune done
-            dense = self._dense
-            assert dense is not None
+            dense = self._dense_model()
             if _block_counts(self._model(), self.plan[self._done - 1][0])[0] == dense.counts[self._done - 1]:
                 raise ValueError(f"resumed at step {step}, after {self._done} scheduled prune(s), but the model has "
                                  "its dense widths: the checkpoint has no width record")
@@ -269,7 +275,8 @@ class PruningCallback(TrainerCallback):
             model.train(was_training)
         model.zero_grad(set_to_none=True)  # gradient-based selections leave gradients on the kept tensors
         report = pruner.report
-        assert report is not None
+        if report is None:  # prune() always writes one; a subclass that does not cannot be remapped
+            raise RuntimeError(f"{type(pruner).__name__}.prune left no report: the optimizer cannot be remapped")
         self.reports.append(report)
         self.pruned_at.append(step)
         final, fraction = self.plan[index]
@@ -283,8 +290,7 @@ class PruningCallback(TrainerCallback):
     def _step_config(self, index: int, model: nn.Module) -> PrunerConfig:
         """The config that takes ``model`` (the result of the earlier prunes) to step ``index``'s widths."""
         config, fraction = self.plan[index]
-        dense = self._dense
-        assert dense is not None
+        dense = self._dense_model()
         target = config.budget_target
         if target is None:
             current = _block_counts(model, config)[0]
@@ -300,8 +306,7 @@ class PruningCallback(TrainerCallback):
 
     def _check_widths_shrink(self) -> None:
         """Widths of ratio budgets, step by step: an error before training, not in the middle of it."""
-        dense = self._dense
-        assert dense is not None
+        dense = self._dense_model()
         previous: dict[tuple[int, str], int] | None = None
         for index, (config, fraction) in enumerate(self.plan):
             if config.budget_target is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_fixtures import VOCAB, calibration_batches, classification_dataset, tiny_classifier
 from transformers import TrainerCallback
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
@@ -12,36 +13,15 @@ from hf_ispasp.training import DistillationArguments, DistillationTrainer, Pruni
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB, LENGTH = 97, 12
 CONFIG = PrunerConfig(ffn_keep_ratio=0.3, head_keep_ratio=0.5, show_progress=False, activation_cache="memory")
 
 
-def _model(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).eval()
+_model = tiny_classifier
+_calibration = calibration_batches
 
 
 def _dataset(n: int = 64, seed: int = 0):
-    import datasets
-
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen)
-    lengths = torch.randint(4, LENGTH + 1, (n,), generator=gen)
-    mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
-    ids = ids * mask
-    labels = (ids[:, 0] > VOCAB // 2).long()
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                                       "labels": labels.tolist()})
-
-
-def _calibration():
-    data = _dataset(32, seed=1).remove_columns(["labels"])
-    return [{k: torch.tensor(data[i : i + 8][k]) for k in data.column_names} for i in range(0, len(data), 8)]
+    return classification_dataset(n, seed)
 
 
 def _args(path, **kwargs):

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_decoder_model, token_batches
+from training_fixtures import calibration_batches, classification_dataset, tiny_classifier
 
 from hf_ispasp import ISpaSPPruner, PrunerConfig, load_pruned
 from hf_ispasp.training import (
@@ -23,31 +24,13 @@ from hf_ispasp.training import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; a busy 2-core machine stalls 2 threads
 
-VOCAB, LENGTH = 97, 12
 
-
-def _model(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic losses
-    return BertForSequenceClassification(config).eval()
+_model = tiny_classifier
+_calibration = calibration_batches
 
 
 def _dataset(n: int = 48, seed: int = 0):
-    """Fixed-length rows with right padding; the label is learnable (is the first token in the upper half?)."""
-    import datasets
-
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen)
-    lengths = torch.randint(4, LENGTH + 1, (n,), generator=gen)
-    mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
-    ids = ids * mask
-    labels = (ids[:, 0] > VOCAB // 2).long()
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(),
-                                       "labels": labels.tolist()})
+    return classification_dataset(n, seed)
 
 
 def _args(tmp_path, **kwargs):
@@ -58,11 +41,6 @@ def _args(tmp_path, **kwargs):
                     disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
     defaults.update(kwargs)
     return TrainingArguments(**defaults)
-
-
-def _calibration():
-    data = _dataset(32, seed=1).remove_columns(["labels"])
-    return [{k: torch.tensor(data[i : i + 8][k]) for k in data.column_names} for i in range(0, len(data), 8)]
 
 
 def _pruned(config: PrunerConfig | None = None):
