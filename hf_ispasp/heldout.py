@@ -45,25 +45,30 @@ def fold_scores(
     p = vectors.T @ w[:, cols].T
     cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
     rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
-    total = float((test.cov * gram_w).sum())  # tr(W C_t W^T)
+    total = (test.cov * gram_w).sum()  # tr(W C_t W^T)
     # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
     bp = b @ p.T
     quad = (rotated * (b @ b.T), rotated * (bp + bp.T), rotated * (p @ p.T))
     lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     delta_s = vectors.T @ delta[cols]
     w_delta = w @ delta
-    unit = float(torch.diagonal(fit.cov).mean().clamp_min(0))
-    out = {}
+    unit = torch.diagonal(fit.cov).mean().clamp_min(0)
+    # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
+    finite = [r for r in ridges if not math.isinf(r)]
+    r = torch.tensor(finite, dtype=values.dtype, device=values.device) * scale * unit + 1e-12
+    d = 1.0 / (values + r[:, None])  # (ridges x k)
+    spread = total - 2 * (d * (lin[0] + r[:, None] * lin[1])).sum(1)
+    spread = spread + sum(power * ((d @ q) * d).sum(1) for power, q in zip((1, r, r * r), quad, strict=True))
+    weighted = d * delta_s  # (ridges x k)
+    shifted = weighted @ b + r[:, None] * (weighted @ p)  # (ridges x d)
+    offset = (w_delta - shifted).pow(2).sum(1)
+    # infinite ridge: Z = P
+    spread_inf = total - 2 * lin[1].sum() + quad[2].sum()
+    offset_inf = (w_delta - p.T @ delta_s).pow(2).sum()
+    spreads = torch.cat([spread, spread_inf.reshape(1)]).clamp_min(0)
+    values_out = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
+    out = dict(zip(finite, values_out[: len(finite)], strict=True))
     for ridge in ridges:
-        if math.isinf(ridge):  # Z = P
-            spread = total - 2 * float(lin[1].sum()) + float(quad[2].sum())
-            shifted = p.T @ delta_s
-        else:
-            r = ridge * scale * unit + 1e-12
-            d = 1.0 / (values + r)
-            spread = total - 2 * float(d @ (lin[0] + r * lin[1]))
-            spread += float(d @ (quad[0] + r * quad[1] + r * r * quad[2]) @ d)
-            shifted = (b + r * p).T @ (d * delta_s)
-        offset = float((w_delta - shifted).pow(2).sum())
-        out[ridge] = test.count * (max(spread, 0.0) + offset)
-    return out
+        if math.isinf(ridge):
+            out[ridge] = values_out[-1]
+    return {ridge: out[ridge] for ridge in ridges}

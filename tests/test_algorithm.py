@@ -237,3 +237,35 @@ def test_invalid_partitions_are_clear_errors(width, keep, partitions, match):
     h, w, _ = _planted(width=width, active=4)
     with pytest.raises(ValueError, match=match):
         select_groups(_stats(h), w, 1, keep, partitions=partitions)
+
+
+@pytest.mark.parametrize(("group_size", "partitions"), [(1, 1), (3, 1), (1, 2), (2, 4)])
+def test_device_elimination_equals_host_elimination(group_size, partitions):
+    """The accelerator loop of the exact-residual threshold (run here on CPU tensors) drops the same groups in the
+    same order as the host loop, ties included, and reports the same residual path."""
+    from hf_ispasp.algorithm import _Problem
+
+    gen = torch.Generator().manual_seed(group_size * 10 + partitions)
+    width = 48
+    h = torch.randn(200, width, generator=gen, dtype=torch.float64)
+    h[:, 7] = h[:, 3]  # duplicated columns: exact ties the lower index must win
+    w = torch.randn(6, width, generator=gen, dtype=torch.float64)
+    problem = _Problem(_stats(h), w, group_size)
+    n = problem.num_groups
+    merged = torch.sort(torch.randperm(n, generator=gen)[: n - n // (2 * partitions) * partitions // 2]).values
+    merged = torch.arange(n) if partitions > 1 else merged
+    keep = partitions * max(1, n // (3 * partitions))
+    host_path: list[tuple[int, float]] = []
+    device_path: list[tuple[int, float]] = []
+    host = problem.residual_threshold(merged, keep, partitions, host_path)
+    energy_m = _group_sum_for_test(problem, merged)
+    device = problem._eliminate_on_device(merged, energy_m, keep, partitions, device_path)
+    assert torch.equal(torch.sort(host).values, device)
+    assert [c for c, _ in host_path] == [c for c, _ in device_path]
+    torch.testing.assert_close(torch.tensor([r for _, r in device_path]), torch.tensor([r for _, r in host_path]),
+                               rtol=1e-9, atol=1e-9)
+
+
+def _group_sum_for_test(problem, merged):
+    g = problem.group_size
+    return (problem.energy @ problem.dropped_mask(merged)).reshape(-1, g).sum(-1)

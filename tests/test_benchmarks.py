@@ -85,6 +85,22 @@ def test_engine_shapes(tmp_path: Path) -> None:
     assert rec["same_as_cpu"] == rec["blocks"]
 
 
+def test_selection_profile(tmp_path: Path) -> None:
+    import selection_profile
+
+    argv = ["--device", "cpu", "--shapes", "tiny-ffn", "--profile", "tiny-ffn", "--tokens", "512", "--repeats", "1",
+            "--dtype", "float64", "float32", "--output-dir", str(tmp_path)]
+    assert selection_profile.main(argv) == 0
+    records = json.loads((tmp_path / "selection_profile.json").read_text())["records"]
+    assert [r["dtype"] for r in records] == ["float64", "float32"]
+    for rec in records:
+        phases = rec["phases"]
+        assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"))
+        assert rec["primitives_at_kept_width"]["eigh"] > 0 and "profile" in rec
+    # the two precisions choose the same groups on this well-conditioned block
+    assert records[0]["kept"] == records[1]["kept"]
+
+
 def test_inference_speed(tmp_path: Path) -> None:
     import inference_speed
 

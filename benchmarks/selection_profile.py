@@ -1,0 +1,233 @@
+"""Where one block's selection spends its time, phase by phase, on any device: the default selection path of
+``ISpaSPPruner`` (exact-residual i-SpaSP, held-out validation of the re-fit ridge, re-fit-aware i-SpaSP with that
+ridge, a second validation, the final re-fit) on synthetic statistics of a block at BERT or LLaMA width, plus the
+dense linear-algebra primitives it is built from, and the busiest operators of one whole block (torch.profiler).
+
+Self-contained (torch and hf_ispasp; no ``datasets``), so it runs from a source tree on a GPU machine:
+
+    PYTHONPATH=. python benchmarks/selection_profile.py --device cuda --dtype float64 float32
+    python benchmarks/selection_profile.py --device cpu --shapes bert-base-ffn bert-base-attn
+
+Statistics: ``H = gelu(X A)`` for Gaussian ``X`` (``--tokens`` rows) and ``A``, folds by alternating batches;
+the output projection ``W`` is Gaussian. Timing does not depend on the values; the selections are what the
+default config would choose for such data. Each phase: median of ``--repeats`` runs (range in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from hf_ispasp.algorithm import (  # noqa: E402
+    REFIT_RIDGES,
+    BlockStatistics,
+    refit_projection,
+    residual_after_refit,
+    select_groups,
+    validate_refit,
+)
+
+NAME = "selection_profile"
+# (output features d, width, group size, kept groups): a block's output projection is d x width.
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "tiny-ffn": (32, 96, 1, 48),
+    "bert-base-ffn": (768, 3072, 1, 1536),
+    "bert-base-attn": (768, 768, 64, 9),
+    "bert-large-ffn": (1024, 4096, 1, 2048),
+    "llama-7b-ffn": (4096, 11008, 1, 5504),
+    "llama-7b-attn": (4096, 4096, 128, 24),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _statistics(d: int, width: int, tokens: int, device: torch.device, seed: int = 0
+                ) -> tuple[BlockStatistics, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mixing = (torch.randn(d, width, generator=gen) / math.sqrt(d)).to(device)
+    stats = BlockStatistics(width, device=device)
+    batch = 1024
+    for start in range(0, tokens, batch):
+        rows = min(batch, tokens - start)
+        x = torch.randn(rows, d, generator=gen).to(device)
+        stats.update(torch.nn.functional.gelu(x @ mixing), fold=(start // batch) % 2)
+    weight = (torch.randn(d, width, generator=gen) / math.sqrt(width)).to(device)
+    bias = (torch.randn(d, generator=gen) * 0.01).to(device)
+    return stats, weight, bias
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
+                 dtype: torch.dtype, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+    """One default selection of the block, phase by phase (seconds), and what it chose."""
+    ridges = tuple(sorted(set(REFIT_RIDGES)))
+    seconds: dict[str, float] = {}
+    s, seconds["to_dtype"] = _timed(lambda: stats.to(dtype=dtype), device)
+    first, seconds["select_residual"] = _timed(
+        lambda: select_groups(s, weight, group, keep, threshold="residual", centered=True), device)
+    choice, seconds["validate_1"] = _timed(lambda: validate_refit(s, weight, bias, first.groups, group, ridges),
+                                           device)
+    result, final = first, choice
+    if choice.ridge is not None and not math.isinf(choice.ridge):
+        other, seconds["select_refit"] = _timed(
+            lambda: select_groups(s, weight, group, keep, threshold="refit", centered=True, damping=choice.ridge,
+                                  anchored=True), device)
+        other_choice, seconds["validate_2"] = _timed(
+            lambda: validate_refit(s, weight, bias, other.groups, group, ridges), device)
+        if other_choice.ridge is not None and other_choice.heldout <= choice.heldout:
+            result, final = other, other_choice
+    if final.ridge is not None:
+        def refit() -> float:
+            fitted = refit_projection(s, weight, bias, result.groups, group, final.ridge, anchored=True)
+            return residual_after_refit(s, weight, bias, result.groups, group, *fitted)
+        _, seconds["refit"] = _timed(refit, device)
+    seconds["total"] = sum(seconds.values())
+    chosen = {"ridge": final.ridge, "iterations": result.iterations,
+              "kept_digest": hash(tuple(result.groups.tolist())) & 0xFFFFFFFF}
+    return seconds, chosen
+
+
+def primitives(k: int, d: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds of the dense kernels the selection is made of, at its sizes (median of ``repeats``)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    spd = (a @ a.T / k + torch.eye(k, dtype=torch.float64)).to(device=device, dtype=dtype)
+    rhs = torch.randn(k, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    ops: dict[str, Callable[[], Any]] = {
+        "eigh": lambda: torch.linalg.eigh(spd),
+        "inv": lambda: torch.linalg.inv(spd),
+        "cholesky": lambda: torch.linalg.cholesky(spd),
+        "solve": lambda: torch.linalg.solve(spd, rhs),
+        "matmul_kkk": lambda: spd @ spd,
+    }
+    out = {}
+    for name, op in ops.items():
+        op()  # warm-up (handles, workspaces)
+        out[name] = statistics.median(_timed(op, device)[1] for _ in range(repeats))
+    if device.type == "cuda":  # the other GPU linear-algebra backend torch can use for eigh
+        previous = torch.backends.cuda.preferred_linalg_library()
+        try:
+            torch.backends.cuda.preferred_linalg_library("magma")
+            ops["eigh"]()
+            out["eigh_magma"] = statistics.median(_timed(ops["eigh"], device)[1] for _ in range(repeats))
+        except RuntimeError as error:  # a build without MAGMA
+            print(f"eigh with MAGMA unavailable: {error}", flush=True)
+        finally:
+            torch.backends.cuda.preferred_linalg_library(previous)
+    return out
+
+
+def profile_table(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
+                  dtype: torch.dtype, device: torch.device, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        block_phases(stats, weight, bias, group, keep, dtype, device)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    if device.type == "cuda":
+        table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", nargs="*", default=["float64"], help="selection precision(s)")
+    parser.add_argument("--shapes", nargs="*", choices=sorted(SHAPES),
+                        default=["bert-base-ffn", "bert-base-attn", "llama-7b-ffn", "llama-7b-attn"])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", nargs="*", default=["bert-base-ffn"], help="shapes to run torch.profiler on")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--slow", type=float, default=10.0, help="seconds above which a shape is measured once")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--suffix", default="")
+    parser.add_argument("--title", default="", help="appended to the heading, e.g. which engine this is")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    records = []
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        d, width, group, keep = SHAPES[shape]
+        stats, weight, bias = _statistics(d, width, args.tokens, device)
+        for dtype_name in args.dtype:
+            dtype = getattr(torch, dtype_name)
+            first = block_phases(stats, weight, bias, group, keep, dtype, device)  # warm-up
+            # a slow shape (LLaMA width in float64) is measured once: its warm-up costs are negligible
+            repeats = 0 if first[0]["total"] > args.slow else args.repeats
+            runs = [block_phases(stats, weight, bias, group, keep, dtype, device) for _ in range(repeats)] or [first]
+            phases = {p: statistics.median(r[0].get(p, 0.0) for r in runs) for p in runs[0][0]}
+            spread = {p: [min(r[0].get(p, 0.0) for r in runs), max(r[0].get(p, 0.0) for r in runs)]
+                      for p in runs[0][0]}
+            kept = runs[0][1]["kept_digest"] if width <= 4096 else None
+            prims = primitives(keep * group, d, dtype, device, max(len(runs), 1))
+            record = {"shape": shape, "dtype": dtype_name, "where": where, "d": d, "width": width, "group": group,
+                      "keep": keep, "phases": phases, "spread": spread, "chosen": runs[0][1], "kept": kept,
+                      "primitives_at_kept_width": prims}
+            if shape in args.profile:
+                record["profile"] = profile_table(stats, weight, bias, group, keep, dtype, device, 25)
+                print(record["profile"], flush=True)
+            records.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "profile"}), flush=True)
+            _write(args, records, where)
+        del stats, weight, bias
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(_write(args, records, where))
+    return 0
+
+
+def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) -> str:
+    suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
+    meta = {"where": where, "tokens": args.tokens, "repeats": args.repeats, "torch": torch.__version__,
+            "host": platform.node()}
+    (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    phases = ["to_dtype", "select_residual", "validate_1", "select_refit", "validate_2", "refit", "total"]
+    title = f": {args.title}" if args.title else ""
+    lines = [f"## Selection phases of one block on {where}{title}", "",
+             f"Synthetic statistics ({args.tokens} tokens), default selection path, median of {args.repeats} "
+             "(seconds); primitives at the kept width k (k x k matrices, k x d right-hand sides).", "",
+             "| shape | dtype | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k | solve k |",
+             "|" + "---|" * (len(phases) + 7)]
+    for r in records:
+        p, q = r["phases"], r["primitives_at_kept_width"]
+        cells = [f"{p.get(name, 0.0):.4f}" for name in phases] + [
+            f"{q[n]:.4f}" if n in q else "-" for n in ("eigh", "eigh_magma", "inv", "cholesky", "solve")]
+        lines.append(f"| {r['shape']} | {r['dtype']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (args.output_dir / f"{NAME}{suffix}.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
