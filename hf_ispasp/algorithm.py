@@ -37,6 +37,7 @@ __all__ = [
     "accumulation_dtype",
     "group_columns",
     "ieee_float32",
+    "output_energy",
     "refit_projection",
     "residual_after_refit",
     "residual_curve",
@@ -604,6 +605,16 @@ def select_groups(
 def _matching(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
     """``tensor`` (a weight or bias) on the statistics' device and in their dtype: the selection runs there."""
     return tensor.detach().to(device=stats.gram.device, dtype=stats.gram.dtype)
+
+
+def output_energy(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """``sum ||H W^T + b||^2`` over the tokens of ``stats``: the energy of the block's dense output."""
+    w = _matching(weight, stats)
+    value = (w @ stats.gram * w).sum()  # tr(W G W^T)
+    if bias is not None:
+        b = _matching(bias, stats)
+        value = value + 2 * (b @ (w @ stats.total)) + stats.count * b.pow(2).sum()
+    return max(float(value), 0.0)
 
 
 def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:

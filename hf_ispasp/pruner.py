@@ -25,6 +25,7 @@ from .algorithm import (
     RefitChoice,
     SelectionResult,
     group_columns,
+    output_energy,
     refit_projection,
     residual_after_refit,
     select_groups,
@@ -512,8 +513,7 @@ def _output_energy(stats: BlockStatistics, weight: torch.Tensor, result: Selecti
     """``sum_b ||W H_b||^2``, the scale of the relative residuals."""
     if result.relative_residual > 0:
         return result.residual / result.relative_residual
-    w = _like_stats(weight, stats)
-    return float((w @ stats.gram * w).sum())
+    return output_energy(stats, weight, None)
 
 
 def _like_stats(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:

@@ -265,3 +265,36 @@ def test_latency_target_prunes_to_fast_widths(monkeypatch):
     for block in report.blocks:
         if block.kind == "ffn" and block.groups_after < block.groups_before:
             assert block.groups_after % multiple == 0
+
+
+def test_output_energy_is_the_energy_of_the_dense_block_output():
+    from hf_ispasp.algorithm import output_energy
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(300, 10, generator=gen, dtype=torch.float64) + 0.2
+    weight = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64)
+    stats = BlockStatistics(10, dtype=torch.float64)
+    stats.update(hidden, torch.float64)
+    assert output_energy(stats, weight, bias) == pytest.approx(float((hidden @ weight.T + bias).pow(2).sum()))
+    assert output_energy(stats, weight, None) == pytest.approx(float((hidden @ weight.T).pow(2).sum()))
+
+
+def test_error_curves_normalise_by_the_stream_a_block_writes_into():
+    """A block that writes most of the stream is measured against what it writes: scaling its output projection
+    by 10 leaves its curve as it was. While the curves were divided by the energy of the layer input alone, a
+    decoder's first FFN that writes 10^5 times the energy of the embeddings (as in the LLaMA trained here) looked
+    10^5 times costlier than every later block, and the global allocation emptied the later FFNs."""
+    from hf_ispasp.budget import error_curves
+
+    def at_half(scale):
+        model = tiny_decoder_model("llama")
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(scale)
+        config = PrunerConfig(show_progress=False)
+        counts, errors = error_curves(model, adapter_for(model), token_batches(), torch.device("cpu"),
+                                      config)["layer.0.ffn"]
+        return next(e for c, e in zip(counts, errors, strict=True) if c <= counts[0] // 2)
+
+    low, high = at_half(1e3), at_half(1e4)
+    assert 0 < low and high == pytest.approx(low, rel=0.05)
