@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             spread = {p: [min(r[0].get(p, 0.0) for r in runs), max(r[0].get(p, 0.0) for r in runs)]
                       for p in runs[0][0]}
             kept = runs[0][1]["kept_digest"] if width <= 4096 else None
+            if device.type != "cpu" and width <= 4096:  # the device's elimination against the host's, same data
+                on_host = select_groups(stats.to(device="cpu", dtype=dtype), weight.cpu(), group, keep,
+                                        threshold="residual", centered=True)
+                here = select_groups(stats.to(dtype=dtype), weight, group, keep, threshold="residual", centered=True)
+                runs[0][1]["residual_selection_equals_host"] = torch.equal(here.groups, on_host.groups)
             prims = primitives(keep * group, d, dtype, device, max(len(runs), 1))
             record = {"shape": shape, "dtype": dtype_name, "where": where, "d": d, "width": width, "group": group,
                       "keep": keep, "phases": phases, "spread": spread, "chosen": runs[0][1], "kept": kept,

@@ -17,8 +17,9 @@ This module knows nothing of transformers or timm.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,6 +29,8 @@ import torch
 from .baselines import flap_scores, wanda_sp_scores
 from .heldout import Fold, fold_scores
 from .partitions import check_partitions, drops_above_floor, random_per_run, topk_per_run
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "REFIT_RIDGES",
@@ -342,16 +345,22 @@ class _Problem:
         run = torch.arange(n, device=device) // (n // partitions)
         counts = torch.bincount(run[merged], minlength=partitions)
         floor = keep // partitions
-        for step in range(steps):
+        minus_one = torch.full((1,), -1, dtype=counts.dtype, device=device)
+
+        def step(out: torch.Tensor, slot: int) -> None:
             increase = torch.add(self_energy, energy_m, alpha=2).add_(blocked)
             if partitions > 1:  # a run at its floor keeps what it has
                 increase = torch.where(counts[run] > floor, increase, torch.inf)
             drop = torch.argmin(increase)  # first minimum: ties go to the lower index, as on the host
-            drops[step] = drop
+            out[slot] = drop
             blocked.index_fill_(0, drop.view(1), torch.inf)
             energy_m.add_(energy_t.index_select(0, drop.view(1)).squeeze(0))
             if partitions > 1:
-                counts.index_add_(0, run[drop].view(1), torch.full((1,), -1, dtype=counts.dtype, device=device))
+                counts.index_add_(0, run[drop].view(1), minus_one)
+
+        done = _replay_steps(step, drops, steps) if device.type == "cuda" else 0
+        for index in range(done, steps):
+            step(drops, index)
         if path is not None:
             # increase of step s = E_dd + 2 ((E m_0)_d + sum of E[d, d_t] over the earlier drops t), d = d_s
             earlier = torch.tril(energy[drops][:, drops], diagonal=-1).sum(1)
@@ -453,6 +462,41 @@ class _Problem:
             if path is not None:
                 path.append((len(kept), objective()))
         return kept, objective()
+
+
+_GRAPH_STEPS = 64  # elimination steps per captured CUDA graph
+
+
+def _replay_steps(step: Callable[[torch.Tensor, int], None], drops: torch.Tensor, steps: int) -> int:
+    """Run elimination steps as replays of one captured CUDA graph of :data:`_GRAPH_STEPS` steps; returns how
+    many ran. A step is a few tiny kernels whose launch (about 10 us of Python and dispatch each) costs far more
+    than their work; a replay launches them all at once. The first steps run eagerly on a side stream (the
+    warm-up CUDA graphs need); a capture that fails leaves everything to the eager loop."""
+    size = _GRAPH_STEPS
+    if steps < 4 * size:
+        return 0
+    warm = 3
+    side = torch.cuda.Stream(drops.device)
+    side.wait_stream(torch.cuda.current_stream(drops.device))
+    with torch.cuda.stream(side):
+        for index in range(warm):
+            step(drops, index)
+    torch.cuda.current_stream(drops.device).wait_stream(side)
+    chunk = torch.empty(size, dtype=drops.dtype, device=drops.device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for slot in range(size):
+                step(chunk, slot)
+    except RuntimeError as error:  # capture unsupported here: the eager loop takes over where the warm-up ended
+        logger.debug("elimination runs eagerly: CUDA graph capture failed (%s)", error)
+        return warm
+    done = warm
+    while steps - done >= size:
+        graph.replay()
+        drops[done:done + size].copy_(chunk)
+        done += size
+    return done
 
 
 def residual_curve(
