@@ -326,9 +326,10 @@ def error_curves(model: nn.Module, adapter: Any, batches: list[Any], device: tor
     """Every block's output error against its kept groups, on the dense model (one extra calibration pass).
 
     A block's curve is :func:`~hf_ispasp.algorithm.residual_curve` (after the re-fit when ``config.refit``)
-    divided by the energy of the hidden states the block adds to (the layer input plus the dense outputs of the
-    layer's blocks up to this one, real tokens only): an error counts by how much it moves the residual stream
-    that the next layers read, which makes blocks of different layers and kinds comparable. ``reduce`` sums a
+    divided by the energy of the hidden states the block adds to (real tokens only): the layer input plus the dense
+    outputs of the layer's blocks up to this one, or the layer input alone in post-norm layers (see
+    ``ModelAdapter.post_norm``). An error counts by how much it moves the residual stream that the next layers
+    read, which makes blocks of different layers and kinds comparable. ``reduce`` sums a
     tensor across processes (every process gets equal curves).
     """
     cache = ActivationCache(config.activation_cache, device)
@@ -373,11 +374,13 @@ def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationC
             stats, weight, block.group_size, refit=config.refit, centered=bias is not None,
             damping=config.refit_damping, partitions=block.partitions,
         )
-        # The stream this block's error lands in: the layer input plus what this layer's blocks up to this one
-        # write into it (their dense outputs, taken as orthogonal to it). In a decoder whose first layer writes
-        # 10^5 times the energy of the embeddings, the layer input alone would make that layer's FFN look 10^5
-        # times costlier than everything after it.
-        per_position += output_energy(stats, weight, bias) / max(float(stats.count), 1.0)
+        # Pre-norm and residual CNNs: the stream this block's error lands in is the layer input plus what this
+        # layer's blocks up to this one write into it (their dense outputs, taken as orthogonal to it). In a
+        # decoder whose first layer writes 10^5 times the energy of the embeddings, the layer input alone would
+        # make that layer's FFN look 10^5 times costlier than everything after it. Post-norm: the layer input
+        # (the previous layer's normalised output) is the scale; chosen by measurement (BENCHMARKS.md, budgets).
+        if not getattr(adapter, "post_norm", False):
+            per_position += output_energy(stats, weight, bias) / max(float(stats.count), 1.0)
         scale = per_position * max(float(stats.count), 1.0)
         curves[block.name] = (counts, [r / scale if scale > 0 else r for r in residuals])
     return curves

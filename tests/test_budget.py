@@ -298,3 +298,22 @@ def test_error_curves_normalise_by_the_stream_a_block_writes_into():
 
     low, high = at_half(1e3), at_half(1e4)
     assert 0 < low and high == pytest.approx(low, rel=0.05)
+
+
+def test_post_norm_layers_measure_errors_against_the_layer_input():
+    """BERT-family layers normalise every block's output with its input: their curves are not rescaled by what a
+    block writes (scaling the FFN's output projection scales its curve with it), unlike a pre-norm decoder's."""
+    from hf_ispasp.budget import error_curves
+
+    assert adapter_for(tiny_text_model("bert")).post_norm and not adapter_for(tiny_decoder_model("llama")).post_norm
+
+    def at_half(scale):
+        model = tiny_text_model("bert")
+        with torch.no_grad():
+            model.bert.encoder.layer[0].output.dense.weight.mul_(scale)
+            model.bert.encoder.layer[0].output.dense.bias.mul_(scale)
+        counts, errors = error_curves(model, adapter_for(model), token_batches(), torch.device("cpu"),
+                                      PrunerConfig(show_progress=False))["layer.0.ffn"]
+        return next(e for c, e in zip(counts, errors, strict=True) if c <= counts[0] // 2)
+
+    assert at_half(10.0) == pytest.approx(100 * at_half(1.0), rel=0.05)

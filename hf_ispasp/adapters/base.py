@@ -120,6 +120,11 @@ class ModelAdapter(ABC):
     """
 
     registry_keys: ClassVar[tuple[str, ...]] = ()
+    # Post-norm layers (BERT family): every block's output is layer-normalised with its input before anything reads
+    # it, so the stream stays at the scale of the layer input. Pre-norm layers (decoders, ViTs) and residual CNNs
+    # add block outputs to a stream that grows. Budget allocation measures a block's error against the layer input
+    # in the first case and against the stream the block writes into in the second (hf_ispasp.budget).
+    post_norm: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -72,6 +72,8 @@ class TransformerEncoderAdapter(SpecAdapter):
 class BertLikeAdapter(TransformerEncoderAdapter):
     """BERT, RoBERTa, XLM-RoBERTa and ELECTRA share the BERT layer layout."""
 
+    post_norm = True
+
     layout = EncoderLayout(
         layers="encoder.layer",
         query="attention.self.query",
@@ -96,6 +98,7 @@ class BertLikeAdapter(TransformerEncoderAdapter):
 
 @register_adapter("distilbert")
 class DistilBertAdapter(TransformerEncoderAdapter):
+    post_norm = True
     layout = EncoderLayout(
         layers="transformer.layer",
         query="attention.q_lin",
