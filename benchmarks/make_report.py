@@ -143,7 +143,29 @@ def summary(results_dir: Path) -> str:
     lines += _load_summary(results_dir)
     lines += _decoder_summary(results_dir)
     lines += _budget_summary(results_dir)
+    lines += _gpu_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _gpu_summary(results_dir: Path) -> list[str]:
+    """The engine's GPU targets: prune / dense forward at BERT-base width, the 7B-shaped decoder's wall time."""
+    lines = []
+    bert = _json(results_dir, "engine_shapes_gpu")
+    rows = [r for r in (bert or {}).get("records", []) if r.get("engine") == "current" and r["shape"] == "bert-base"]
+    limits = {"float32": 3, "bfloat16": 10}
+    cells = [f"{r['dtype']} {r['ratio']:.1f}x (target <= {limits[r['dtype']]}x)" for r in rows if r["dtype"] in limits]
+    if cells:
+        met = all(r["ratio"] <= limits[r["dtype"]] for r in rows if r["dtype"] in limits)
+        lines.append(f"- Engine on a GPU ({rows[0].get('card', 'GPU')}), BERT-base shape, prune / one dense forward: "
+                     f"{', '.join(cells)} -> {'met' if met else 'not met'}.")
+    big = _json(results_dir, "engine_shapes_gpu_llama7b")
+    for r in (big or {}).get("records", []):
+        verdict = "met" if r["prune_s"] < 120 else "not met"
+        shape = f"{r['dtype']}, {r['sequences']} x {r['length']} tokens"
+        lines.append(f"- Decoder goal 'GPU prune of the LLaMA-7B shape ({shape}) under 2 minutes': "
+                     f"{r['prune_s']:.1f} s ({r['ratio']:.1f}x one dense forward) on one "
+                     f"{r.get('card', 'GPU')} -> {verdict}.")
+    return lines
 
 
 def _onnx_summary(results_dir: Path) -> list[str]:
