@@ -165,9 +165,22 @@ def latency_ratio(
 
 
 def _timed_call(model: nn.Module | Callable[..., Any], inputs: Any, clock: Callable[[], float]) -> float:
+    _synchronize()
     start = clock()
     _call(model, inputs)
+    _synchronize()
     return clock() - start
+
+
+def _synchronize() -> None:
+    """Wait for the work queued on an accelerator: a call on a GPU returns once its kernels are queued, so a clock
+    read without this measures the launches, not the forward pass. No-op on CPU-only runs (a CUDA context that was
+    never created is not created here)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.synchronize()
 
 
 def _quantile(values: list[float], q: float) -> float:

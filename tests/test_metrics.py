@@ -118,3 +118,23 @@ def test_demo_prints_the_median_speedup_with_its_spread():
 
     result = LatencyComparison(0.0144, 0.01, 1.44, 1.40, 1.47, 1.1, 1.9, 60)
     assert _speedup_cell(result) == "1.44x faster (IQR 1.40-1.47)"
+
+
+def test_timing_waits_for_queued_accelerator_work(monkeypatch):
+    """On a GPU a forward call returns once its kernels are queued: every timed call is bracketed by a
+    synchronisation, or the clock measures the launches (a latency table on a GPU would price nothing)."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
+
+    def clock() -> float:
+        events.append("clock")
+        return float(len(events))
+
+    def model(x):
+        events.append("call")
+        return x
+
+    measure_latency(model, torch.zeros(1), repeats=2, warmup=0, clock=clock)
+    assert events == ["sync", "clock", "call", "sync", "clock"] * 2
