@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments
 
 from .config import PrunerConfig
@@ -123,9 +124,14 @@ def distillation_mask(
     return mask
 
 
+# Float32 elements of one chunk of the token-level KL (256 MB): a 7B decoder's logits for 4 x 2048 tokens over a
+# 32k vocabulary are 1 GB in float32, and the KL's softmaxes and saved tensors several times that.
+KL_CHUNK_ELEMENTS = 2**26
+
+
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None, chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over sequences (or real tokens).
 
@@ -135,15 +141,34 @@ def distillation_loss(
         temperature: Softmax temperature.
         attention_mask: Drops padding positions of per-token logits (any ``(batch, seq)`` token mask works, e.g.
             :func:`distillation_mask`'s).
+        chunk_rows: Token rows per chunk. Each chunk's float32 softmaxes are recomputed in the backward pass
+            (activation checkpointing) instead of kept, so the loss holds one chunk in float32 at a time. Default:
+            as many rows as fit :data:`KL_CHUNK_ELEMENTS`; small problems are one chunk.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
-    student = _token_rows(student_logits, attention_mask).float() / temperature
-    teacher = _token_rows(teacher_logits, attention_mask).float() / temperature
-    if student.shape[0] == 0:  # no position counts (every target masked): nothing to distil, keep the graph
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows={chunk_rows!r} must be a positive integer (or None for the default)")
+    student = _token_rows(student_logits, attention_mask)
+    teacher = _token_rows(teacher_logits, attention_mask)
+    rows = student.shape[0]
+    if rows == 0:  # no position counts (every target masked): nothing to distil, keep the graph
         return student_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    chunk = chunk_rows or max(1, KL_CHUNK_ELEMENTS // max(student.shape[-1], 1))
+    if rows <= chunk:
+        total = _kl_sum(student, teacher, temperature)
+    else:
+        total = sum(
+            checkpoint(_kl_sum, student[i : i + chunk], teacher[i : i + chunk], temperature, use_reentrant=False)
+            for i in range(0, rows, chunk)
+        )
+    return total / rows * temperature**2
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed KL of the rows of ``student`` from ``teacher``, softmaxes at ``temperature`` in float32."""
+    return F.kl_div(F.log_softmax(student.float() / temperature, -1), F.log_softmax(teacher.float() / temperature, -1),
+                    log_target=True, reduction="sum")
 
 
 def hidden_state_loss(
