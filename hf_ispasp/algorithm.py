@@ -367,9 +367,9 @@ class _Problem:
             increases = self_energy[drops] + 2 * (start_m[drops] + earlier)
             residual = self.residual(merged)
             path.append((remaining, residual))
-            for step, value in enumerate(increases.tolist()):
+            for index, value in enumerate(increases.tolist()):
                 residual += value
-                path.append((remaining - step - 1, residual))
+                path.append((remaining - index - 1, residual))
         keep_mask = torch.isfinite(blocked)
         return torch.nonzero(keep_mask).flatten()
 
