@@ -300,14 +300,12 @@ class _Problem:
         ``partitions``, a run at ``keep / partitions`` groups loses no more. ``path`` receives ``(groups kept,
         residual)`` at the start and after every step.
         """
-        g = self.group_size
-        energy_m = _group_sum(self.energy @ self.dropped_mask(merged), g)  # E m, per group
         if self.gram.device.type != "cpu":
-            return self._eliminate_on_device(merged, energy_m, keep, partitions, path)
+            return self._eliminate_on_device(merged, keep, partitions, path)
         energy_t, self_energy = self._host_energy()
         candidate = np.zeros(self.num_groups, dtype=bool)
         candidate[merged.cpu().numpy()] = True
-        energy_m = energy_m.numpy()
+        energy_m = self.dropped_energy(merged).numpy()
         remaining = int(candidate.sum())
         run = np.arange(self.num_groups) // (self.num_groups // partitions)
         counts = np.bincount(run[candidate], minlength=partitions)
@@ -328,9 +326,14 @@ class _Problem:
                 path.append((remaining, residual))
         return torch.from_numpy(np.flatnonzero(candidate)).to(merged.device)
 
-    def _eliminate_on_device(self, merged: torch.Tensor, energy_m: torch.Tensor, keep: int, partitions: int,
+    def dropped_energy(self, merged: torch.Tensor) -> torch.Tensor:
+        """``E m`` per group, ``m`` marking the columns outside ``merged``: the elimination's starting point."""
+        return _group_sum(self.energy @ self.dropped_mask(merged), self.group_size)
+
+    def _eliminate_on_device(self, merged: torch.Tensor, keep: int, partitions: int,
                              path: list[tuple[int, float]] | None) -> torch.Tensor:
         """:meth:`residual_threshold` where the statistics live, without a host synchronisation per step."""
+        energy_m = self.dropped_energy(merged)
         energy = self.group_energy()
         energy_t = energy.T.contiguous()  # row j = column j of E (E is symmetric up to rounding; keep the column)
         self_energy = torch.diagonal(energy).clone()

@@ -329,8 +329,8 @@ def error_curves(model: nn.Module, adapter: Any, batches: list[Any], device: tor
     divided by the energy of the hidden states the block adds to (real tokens only): the layer input plus the dense
     outputs of the layer's blocks up to this one, or the layer input alone in post-norm layers (see
     ``ModelAdapter.post_norm``). An error counts by how much it moves the residual stream that the next layers
-    read, which makes blocks of different layers and kinds comparable. ``reduce`` sums a
-    tensor across processes (every process gets equal curves).
+    read, which makes blocks of different layers and kinds comparable. ``reduce`` sums a tensor across processes
+    (every process gets equal curves).
     """
     cache = ActivationCache(config.activation_cache, device)
     curves: Curves = {}
@@ -379,8 +379,9 @@ def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationC
         # decoder whose first layer writes 10^5 times the energy of the embeddings, the layer input alone would
         # make that layer's FFN look 10^5 times costlier than everything after it. Post-norm: the layer input
         # (the previous layer's normalised output) is the scale; chosen by measurement (BENCHMARKS.md, budgets).
-        if not getattr(adapter, "post_norm", False):
-            per_position += output_energy(stats, weight, bias) / max(float(stats.count), 1.0)
-        scale = per_position * max(float(stats.count), 1.0)
+        positions = max(float(stats.count), 1.0)
+        if not adapter.post_norm:
+            per_position += output_energy(stats, weight, bias) / positions
+        scale = per_position * positions
         curves[block.name] = (counts, [r / scale if scale > 0 else r for r in residuals])
     return curves

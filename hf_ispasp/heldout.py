@@ -66,9 +66,6 @@ def fold_scores(
     spread_inf = total - 2 * lin[1].sum() + quad[2].sum()
     offset_inf = (w_delta - p.T @ delta_s).pow(2).sum()
     spreads = torch.cat([spread, spread_inf.reshape(1)]).clamp_min(0)
-    values_out = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
-    out = dict(zip(finite, values_out[: len(finite)], strict=True))
-    for ridge in ridges:
-        if math.isinf(ridge):
-            out[ridge] = values_out[-1]
-    return {ridge: out[ridge] for ridge in ridges}
+    *scores, score_inf = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
+    by_ridge = dict(zip(finite, scores, strict=True))
+    return {ridge: score_inf if math.isinf(ridge) else by_ridge[ridge] for ridge in ridges}

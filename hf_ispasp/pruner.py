@@ -461,7 +461,7 @@ class ISpaSPPruner:
             self._warn_unvalidated(block, stats)
         if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
             other = self._select(adapter, block, stats, generator, keep, weight, bias, "refit", choice.ridge, True)
-            # the same support validates the same way (common when the two thresholds agree): skip the two eighs
+            # the same support validates the same way (the two thresholds agree): skip its two eighs
             same = torch.equal(other.groups, result.groups)
             other_choice = choice if same else validate_refit(stats, weight, bias, other.groups, g, ridges)
             # What is installed: the re-fit (held-out residual) or, with refit=False, plain selection.

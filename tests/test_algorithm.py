@@ -258,14 +258,8 @@ def test_device_elimination_equals_host_elimination(group_size, partitions):
     host_path: list[tuple[int, float]] = []
     device_path: list[tuple[int, float]] = []
     host = problem.residual_threshold(merged, keep, partitions, host_path)
-    energy_m = _group_sum_for_test(problem, merged)
-    device = problem._eliminate_on_device(merged, energy_m, keep, partitions, device_path)
+    device = problem._eliminate_on_device(merged, keep, partitions, device_path)
     assert torch.equal(torch.sort(host).values, device)
     assert [c for c, _ in host_path] == [c for c, _ in device_path]
     torch.testing.assert_close(torch.tensor([r for _, r in device_path]), torch.tensor([r for _, r in host_path]),
                                rtol=1e-9, atol=1e-9)
-
-
-def _group_sum_for_test(problem, merged):
-    g = problem.group_size
-    return (problem.energy @ problem.dropped_mask(merged)).reshape(-1, g).sum(-1)
