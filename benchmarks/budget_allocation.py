@@ -306,7 +306,8 @@ def minilm_goal(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     if dense is None or ours is None:
         return None
     gap = 100 * (dense["accuracy"] - ours["accuracy"])
-    return {"target": target, "gap_points": gap, "limit_points": points, "met": gap <= points}
+    return {"target": target, "gap_points": gap, "limit_points": points, "met": gap <= points,
+            "accuracy": ours["accuracy"], "dense_accuracy": dense["accuracy"], "flops": ours["flops_ratio"]}
 
 
 # Report -----------------------------------------------------------------------------------------------------
@@ -495,6 +496,7 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
 def finish(data: dict[str, Any], output_dir: Path) -> str:
     """Comparisons into ``data``, the picture and the markdown fragment next to the JSON; returns the markdown."""
     data["comparisons"] = compare(data["records"])
+    data["minilm_goal"] = minilm_goal(data["records"])
     png = plot(data["records"], Path(output_dir) / f"{NAME}_widths.png")
     text = report(data, png)
     common.write_fragment(output_dir, NAME, text)
