@@ -143,8 +143,24 @@ def summary(results_dir: Path) -> str:
     lines += _load_summary(results_dir)
     lines += _decoder_summary(results_dir)
     lines += _budget_summary(results_dir)
+    lines += _cpu_engine_summary(results_dir)
     lines += _gpu_summary(results_dir)
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _cpu_engine_summary(results_dir: Path) -> list[str]:
+    """The engine's CPU targets (MiniLM-L6, 2 threads): prune / one dense forward at 512 and 128 sentences."""
+    limits = {512: 2.0, 128: 3.0}
+    rows = []
+    for sequences in limits:
+        data = _json(results_dir, f"engine_shapes_cpu_minilm{sequences}")
+        rows += [r for r in (data or {}).get("records", []) if r.get("engine") == "current"]
+    if not rows:
+        return []
+    cells = [f"{r['sequences']} sentences {r['ratio']:.1f}x (target <= {limits[r['sequences']]}x)" for r in rows]
+    met = all(r["ratio"] <= limits[r["sequences"]] for r in rows)
+    return [f"- Engine on the CPU (MiniLM-L6, 2 threads), prune / one dense forward: {', '.join(cells)} -> "
+            f"{'met' if met else 'not met'}."]
 
 
 def _gpu_summary(results_dir: Path) -> list[str]:

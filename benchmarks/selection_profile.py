@@ -39,6 +39,7 @@ from hf_ispasp.algorithm import (  # noqa: E402
     residual_after_refit,
     select_groups,
     validate_refit,
+    weight_gram,
 )
 
 NAME = "selection_profile"
@@ -87,17 +88,19 @@ def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tenso
     ridges = tuple(sorted(set(REFIT_RIDGES)))
     seconds: dict[str, float] = {}
     s, seconds["to_dtype"] = _timed(lambda: stats.to(dtype=dtype), device)
+    gram_w, seconds["weight_gram"] = _timed(lambda: weight_gram(weight, s), device)
     first, seconds["select_residual"] = _timed(
-        lambda: select_groups(s, weight, group, keep, threshold="residual", centered=True), device)
-    choice, seconds["validate_1"] = _timed(lambda: validate_refit(s, weight, bias, first.groups, group, ridges),
-                                           device)
+        lambda: select_groups(s, weight, group, keep, threshold="residual", centered=True, weight_gram=gram_w),
+        device)
+    choice, seconds["validate_1"] = _timed(
+        lambda: validate_refit(s, weight, bias, first.groups, group, ridges, gram_w), device)
     result, final = first, choice
     if choice.ridge is not None and not math.isinf(choice.ridge):
         other, seconds["select_refit"] = _timed(
             lambda: select_groups(s, weight, group, keep, threshold="refit", centered=True, damping=choice.ridge,
-                                  anchored=True), device)
+                                  anchored=True, weight_gram=gram_w), device)
         other_choice, seconds["validate_2"] = _timed(
-            lambda: validate_refit(s, weight, bias, other.groups, group, ridges), device)
+            lambda: validate_refit(s, weight, bias, other.groups, group, ridges, gram_w), device)
         if other_choice.ridge is not None and other_choice.heldout <= choice.heldout:
             result, final = other, other_choice
     if final.ridge is not None:
@@ -217,7 +220,8 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
     meta = {"where": where, "tokens": args.tokens, "repeats": args.repeats, "torch": torch.__version__,
             "host": platform.node()}
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    phases = ["to_dtype", "select_residual", "validate_1", "select_refit", "validate_2", "refit", "total"]
+    phases = ["to_dtype", "weight_gram", "select_residual", "validate_1", "select_refit", "validate_2", "refit",
+              "total"]
     title = f": {args.title}" if args.title else ""
     lines = [f"## Selection phases of one block on {where}{title}", "",
              f"Synthetic statistics ({args.tokens} tokens), default selection path, median of {args.repeats} "

@@ -46,6 +46,7 @@ __all__ = [
     "residual_curve",
     "select_groups",
     "validate_refit",
+    "weight_gram",
 ]
 
 
@@ -129,7 +130,8 @@ class BlockStatistics:
             return
         with ieee_float32():
             total, gram = _sums(rows, dtype)
-        total, gram = total.to(self.dtype), gram.to(self.dtype)
+        if self.dtype != torch.float64:  # a float64 sum adds lower-precision values exactly, without a copy
+            total, gram = total.to(self.dtype), gram.to(self.dtype)
         count = float(rows.shape[0])  # a Python number: no host-to-device copy per batch
         self._add("count", count)
         self._add("total", total)
@@ -192,7 +194,39 @@ def _sums(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     if half and dtype == torch.float32 and rows.is_cuda and _half_products_available(rows.device):
         return rows.sum(0, dtype=torch.float32), torch.mm(rows.T, rows, out_dtype=torch.float32)
     rows = rows.to(dtype)
-    return rows.sum(0), rows.T @ rows
+    return rows.sum(0), _gram(rows)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows``; on a CPU, at widths where it pays, from half the blocks (:func:`_symmetric_gram`)."""
+    if rows.device.type == "cpu" and rows.shape[1] >= 2 * _GRAM_BLOCK:
+        return _symmetric_gram(rows)
+    return rows.T @ rows
+
+
+def weight_gram(weight: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
+    """``W^T W`` of an output projection where (and in the precision) the selection runs: the selection and the
+    held-out validation of one block take it as ``weight_gram=`` instead of forming it once each."""
+    return _gram(_matching(weight, stats))
+
+
+_GRAM_BLOCK = 256  # columns per block of the CPU Gram matrix (fastest of 128-384 on 2 cores at width 1536)
+
+
+def _symmetric_gram(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` from the blocks on and below its diagonal, mirrored: about half the multiply-adds of the
+    full product (a BLAS ``syrk``, which torch does not expose), 1.6-1.8x faster on a CPU at width 1536. Every
+    entry is a dot product over the rows, as in the full product, and the result is exactly symmetric."""
+    width = rows.shape[1]
+    gram = torch.empty(width, width, dtype=rows.dtype, device=rows.device)
+    for start in range(0, width, _GRAM_BLOCK):
+        end = min(start + _GRAM_BLOCK, width)
+        block = rows[:, start:].T @ rows[:, start:end]  # rows start.. of columns start:end
+        gram[start:, start:end] = block
+        gram[start:end, end:] = block[end - start :].T
+        square = block[: end - start]  # the diagonal block, exactly symmetric: its lower triangle mirrored
+        gram[start:end, start:end] = torch.tril(square) + torch.tril(square, -1).T
+    return gram
 
 
 _HALF_PRODUCTS: dict[str, bool] = {}
@@ -221,6 +255,21 @@ class SelectionResult:
     residual_history: list[float] = field(default_factory=list)
 
 
+def _submatrix(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``matrix[rows][:, cols]`` in one gather (half the memory traffic of the two-step form)."""
+    return matrix[rows[:, None], cols]
+
+
+def _spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive definite matrix (a covariance plus a ridge) through its Cholesky factor:
+    1.7-1.8x faster than LU on a CPU at width 768-1536 and no less accurate; LU where rounding made the matrix
+    numerically indefinite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if bool(info != 0):
+        return torch.linalg.inv(matrix)
+    return torch.cholesky_inverse(factor)
+
+
 def _group_sum(values: torch.Tensor, group_size: int) -> torch.Tensor:
     return values.reshape(-1, group_size).sum(-1)
 
@@ -247,13 +296,14 @@ def _topk_groups(
 class _Problem:
     """The quadratic forms of one block, precomputed once per selection."""
 
-    def __init__(self, stats: BlockStatistics, weight: torch.Tensor, group_size: int) -> None:
+    def __init__(self, stats: BlockStatistics, weight: torch.Tensor, group_size: int,
+                 weight_gram: torch.Tensor | None = None) -> None:
         self.stats = stats
         self.group_size = group_size
         self.weight = _matching(weight, stats)
         self.gram = stats.gram
         self.total = stats.total
-        self.energy = stats.gram * (self.weight.T @ self.weight)  # E = G * P
+        self.energy = stats.gram * (_gram(self.weight) if weight_gram is None else weight_gram)  # E = G * P
         self.num_groups = stats.width // group_size
         self.full_energy = float(self.energy.sum())
         self._host: tuple[np.ndarray, np.ndarray] | None = None
@@ -366,7 +416,7 @@ class _Problem:
             step(drops, index)
         if path is not None:
             # increase of step s = E_dd + 2 ((E m_0)_d + sum of E[d, d_t] over the earlier drops t), d = d_s
-            earlier = torch.tril(energy[drops][:, drops], diagonal=-1).sum(1)
+            earlier = torch.tril(_submatrix(energy, drops, drops), diagonal=-1).sum(1)
             increases = self_energy[drops] + 2 * (start_m[drops] + earlier)
             residual = self.residual(merged)
             path.append((remaining, residual))
@@ -413,9 +463,9 @@ class _Problem:
         cov = _moments(self.stats, centered)[1]
         support = torch.sort(merged).values
         cols = group_columns(support, g)
-        c_ss = cov[cols][:, cols]
+        c_ss = _submatrix(cov, cols, cols)
         ridge = _ridge(cov, cols, damping, anchored)
-        inv = torch.linalg.inv(c_ss + ridge * torch.eye(len(cols), dtype=cov.dtype, device=cov.device))
+        inv = _spd_inverse(c_ss + ridge * torch.eye(len(cols), dtype=cov.dtype, device=cov.device))
         cross = cov[cols] @ self.weight.T  # Q: (m g) x d
         column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
         if anchored:
@@ -455,10 +505,11 @@ class _Problem:
             else:
                 drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
             idx, rest = group_columns(drop, g), group_columns(stay, g)
-            p_rj = inv[rest][:, idx]
-            solved = torch.linalg.solve(inv[idx][:, idx], torch.cat([p_rj.T, coef[idx]], 1))
-            # Schur downdate onto the groups that stay (the matrices shrink as groups leave).
-            inv = inv[rest][:, rest] - p_rj @ solved[:, : len(rest)]
+            p_rj = _submatrix(inv, rest, idx)
+            solved = torch.linalg.solve(_submatrix(inv, idx, idx), torch.cat([p_rj.T, coef[idx]], 1))
+            # Schur downdate onto the groups that stay (the matrices shrink as groups leave), in one gather
+            # and one fused multiply-subtract.
+            inv = _submatrix(inv, rest, rest).addmm_(p_rj, solved[:, : len(rest)], alpha=-1)
             coef = coef[rest] - p_rj @ solved[:, len(rest) :]
             cross = cross[rest]
             kept = kept[stay]
@@ -552,6 +603,7 @@ def select_groups(
     damping: float = 1e-4,
     anchored: bool = False,
     partitions: int = 1,
+    weight_gram: torch.Tensor | None = None,
 ) -> SelectionResult:
     """Choose ``keep`` groups of a block.
 
@@ -576,10 +628,11 @@ def select_groups(
             (see :mod:`hf_ispasp.partitions`): ranking rules take the top of every run, ``random`` draws per run,
             i-SpaSP's candidate step takes the top ``2 keep / partitions`` of every run and its thresholds never
             take a run below ``keep / partitions``.
+        weight_gram: ``W^T W`` from :func:`weight_gram`, when the caller already has it.
     """
     if stats.width % group_size:
         raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
-    problem = _Problem(stats, weight, group_size)
+    problem = _Problem(stats, weight, group_size, weight_gram)
     n = problem.num_groups
     if not 1 <= keep <= n:
         raise ValueError(f"cannot keep {keep} of {n} groups")
@@ -614,10 +667,11 @@ def select_groups(
         best, best_residual = support, float("inf")
         previous = None
         for iterations in range(1, num_iterations + 1):  # noqa: B007 (reported after the loop)
-            scores = problem.proxy(support, proxy)
-            omega = _topk_groups(scores, min(2 * keep, n), partitions=p)
             merged = torch.zeros(n, dtype=torch.bool, device=device)
-            merged[omega] = True
+            if 2 * keep >= n:  # the candidates are every group whatever the proxy says: skip computing it
+                merged[:] = True
+            else:
+                merged[_topk_groups(problem.proxy(support, proxy), 2 * keep, partitions=p)] = True
             merged[support] = True
             if previous is not None and torch.equal(merged, previous):
                 break  # the threshold is a function of the merged set: the support cannot change any more
@@ -709,7 +763,7 @@ def refit_projection(
         new_weight = w[:, cols].clone()
     else:
         ridge = _ridge(moment, cols, damping, anchored)
-        a = moment[cols][:, cols] + ridge * torch.eye(len(cols), dtype=w.dtype, device=w.device)
+        a = _submatrix(moment, cols, cols) + ridge * torch.eye(len(cols), dtype=w.dtype, device=w.device)
         rhs = moment[cols] @ w.T  # (k x d)
         if anchored:
             rhs = rhs + ridge * w[:, cols].T
@@ -782,6 +836,7 @@ def validate_refit(
     groups: torch.Tensor,
     group_size: int,
     ridges: tuple[float, ...] = REFIT_RIDGES,
+    weight_gram: torch.Tensor | None = None,
 ) -> RefitChoice:
     """Choose the re-fit ridge by 2-fold cross-validation on the two halves of the calibration statistics.
 
@@ -794,11 +849,12 @@ def validate_refit(
     """
     cols = group_columns(groups, group_size)
     w = _matching(weight, stats)
-    gram_w = w.T @ w  # tr(W C W^T) = sum(C * W^T W)
+    gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     dropped = torch.ones(stats.width, dtype=torch.bool, device=w.device)
     dropped[cols] = False
     # No re-fit fits nothing: its held-out residual is sum_b ||W_D H_{b,D}||^2 on all the data.
-    plain = max(float((stats.gram[dropped][:, dropped] * gram_w[dropped][:, dropped]).sum()), 0.0)
+    rest = torch.nonzero(dropped).flatten()
+    plain = max(float((_submatrix(stats.gram, rest, rest) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
     halves = stats.halves()
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
@@ -807,7 +863,7 @@ def validate_refit(
     folds = []
     for half in halves:
         mean, cov = _moments(half, centered)
-        folds.append(Fold(mean, cov, float(half.count), cov[cols] @ w.T, cov[cols][:, cols]))
+        folds.append(Fold(mean, cov, float(half.count), cov[cols] @ w.T, _submatrix(cov, cols, cols)))
     scores = dict.fromkeys(ridges, 0.0)
     for fit, test in (folds, folds[::-1]):
         for ridge, value in fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit.count).items():

@@ -100,6 +100,10 @@ class PrunerConfig:
         layer_overrides: Per-layer keep ratios, e.g. `{0: {"ffn_keep_ratio": 0.8}}`.
         round_to: Round kept FFN widths to a multiple of this (e.g. 8) for fast kernels.
         calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
+        group_by_length: Sort right-padded token sequences by length and re-batch them (as many per batch as the
+            largest batch given) before calibrating, so the layers replay little padding: the statistics count
+            real tokens only, so only their rounding changes, and a prune of padded data runs up to twice as
+            fast (`hf_ispasp.packing`). Left-padded or otherwise unusual batches are used as given.
         max_calibration_samples: Use at most this many calibration sequences (None: all). Applied to the data
             each process sees; under several processes cap before sharding (`hf_ispasp.distributed`).
         stats_dtype: Dtype of the per-batch statistic products (float32 products run in IEEE precision, never
@@ -153,6 +157,9 @@ class PrunerConfig:
     )
     round_to: int = field(default=1, metadata={"help": "Round kept FFN widths to a multiple of this."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Batch size for a datasets.Dataset."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Regroup right-padded calibration sequences by length (less padding)."}
+    )
     max_calibration_samples: int | None = field(default=None, metadata={"help": "Cap on calibration sequences."})
     stats_dtype: str = field(default="float32", metadata={"help": f"Per-batch statistics dtype, {STATS_DTYPES}."})
     activation_cache: str = field(default="auto", metadata={"help": f"Layer-input cache, one of {CACHES}."})
@@ -188,7 +195,7 @@ class PrunerConfig:
                 _plain(k): ({kk: _plain(v) for kk, v in vals.items()} if isinstance(vals, dict) else vals)
                 for k, vals in self.layer_overrides.items()
             }
-        for name in ("refit", "show_progress"):
+        for name in ("refit", "show_progress", "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:

@@ -1,7 +1,8 @@
 """Calibration across processes: each process reads its shard, statistics are summed through accelerate.
 
 Under ``accelerate launch`` (or ``torchrun``) with N processes, :func:`shard_calibration_data` gives each process
-whole batches of the single-process batching (batch ``i`` goes to process ``i % N``), with no sample duplicated
+whole batches of the single-process batching (batch ``i`` goes to process ``i % N``; with
+``PrunerConfig.group_by_length``, of the batches regrouped by length), with no sample duplicated
 or dropped: accelerate's default ``even_batches=True`` pads the last round by repeating samples, which would
 change the statistics, so it is turned off here. :class:`~hf_ispasp.ISpaSPPruner` sums the statistics
 (count, column sums, Gram) across processes with ``Accelerator.reduce`` before every selection, so all
@@ -20,6 +21,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .config import PrunerConfig
+from .packing import group_by_length
 from .statistics import CalibrationError, calibration_batches
 
 __all__ = ["destroy_process_group", "num_processes", "shard_calibration_data"]
@@ -43,6 +45,11 @@ def _collate(pad_token_id: int) -> Any:
         return next(iter(calibration_batches(rows, len(rows), None, pad_token_id)))
 
     return collate
+
+
+def _only(items: list[Any]) -> Any:
+    """Collate a 'batch' of one ready-made batch: the batch itself."""
+    return items[0]
 
 
 def shard_calibration_data(
@@ -92,6 +99,11 @@ def shard_calibration_data(
         loader = DataLoader(data, batch_size=config.calibration_batch_size, collate_fn=_collate(pad_token_id))
     if world <= 1:
         return loader
+    if config.group_by_length:
+        # Sorted by length before sharding (the pruner's own regrouping, done once for all processes): each
+        # process then holds every N-th of the batches one process would prune, already sorted, which its
+        # pruner leaves as they are, so per-batch products stay bit-identical to the single-process run.
+        loader = DataLoader(group_by_length(loader, pad_token_id), batch_size=1, collate_fn=_only)
     try:
         num_batches = len(loader)
     except TypeError:

@@ -30,6 +30,7 @@ from .algorithm import (
     residual_after_refit,
     select_groups,
     validate_refit,
+    weight_gram,
 )
 from .baselines import mean_compensation
 from .budget import block_costs, error_curves, widths_for_target
@@ -38,6 +39,7 @@ from .importance import llm_pruner_scores, taylor_scores
 from .latency_budget import fast_multiple, latency_costs
 from .metrics import count_flops, count_parameters, latency_ratio
 from .offload import execution_device, has_offload, materialized_copy, offload
+from .packing import group_by_length
 from .portable import attach_portable_save
 from .record import BASE_MODEL_KEY, METADATA_KEY, SUMMARY_KEY, summarize_prune
 from .serialization import ADDED_BIASES_KEY, add_zero_bias, looks_like_hub_id
@@ -239,6 +241,8 @@ class ISpaSPPruner:
             batches = list(batches)
             scorer = taylor_scores if config.selection == "taylor" else llm_pruner_scores
             self._scores = scorer(model, adapter, batches, device, reduce=self._sum_across_processes)
+        if config.group_by_length:  # after the gradient scores, whose per-batch loss weighting is the user's
+            batches = group_by_length(batches, pad)
         self._widths: dict[str, int] | None = None
         if config.budget_target is not None:
             batches = list(batches)  # read twice: error curves of the dense model, then the prune
@@ -412,7 +416,7 @@ class ISpaSPPruner:
     def _select(
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
         keep: int, weight: torch.Tensor, bias: torch.Tensor | None, threshold: str, damping: float | None = None,
-        anchored: bool = False,
+        anchored: bool = False, gram_w: torch.Tensor | None = None,
     ) -> SelectionResult:
         config = self.config
         return select_groups(
@@ -431,6 +435,7 @@ class ISpaSPPruner:
             damping=config.refit_damping if damping is None else damping,
             anchored=anchored,
             partitions=block.partitions,
+            weight_gram=gram_w,
         )
 
     def _validated_selection(
@@ -455,15 +460,17 @@ class ISpaSPPruner:
         g = block.group_size
         refit_threshold = config.threshold == "refit" and config.selection == "ispasp"
         threshold = "residual" if refit_threshold else config.threshold
-        result = self._select(adapter, block, stats, generator, keep, weight, bias, threshold)
-        choice = validate_refit(stats, weight, bias, result.groups, g, ridges)
+        gram_w = weight_gram(weight, stats)  # W^T W: shared by both selections and both validations
+        result = self._select(adapter, block, stats, generator, keep, weight, bias, threshold, gram_w=gram_w)
+        choice = validate_refit(stats, weight, bias, result.groups, g, ridges, gram_w)
         if not choice.validated:
             self._warn_unvalidated(block, stats)
         if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
-            other = self._select(adapter, block, stats, generator, keep, weight, bias, "refit", choice.ridge, True)
+            other = self._select(adapter, block, stats, generator, keep, weight, bias, "refit", choice.ridge, True,
+                                 gram_w)
             # the same support validates the same way (the two thresholds agree): skip its two eighs
             same = torch.equal(other.groups, result.groups)
-            other_choice = choice if same else validate_refit(stats, weight, bias, other.groups, g, ridges)
+            other_choice = choice if same else validate_refit(stats, weight, bias, other.groups, g, ridges, gram_w)
             # What is installed: the re-fit (held-out residual) or, with refit=False, plain selection.
             if config.refit:
                 better = other_choice.ridge is not None and other_choice.heldout <= choice.heldout

@@ -263,3 +263,60 @@ def test_device_elimination_equals_host_elimination(group_size, partitions):
     assert [c for c, _ in host_path] == [c for c, _ in device_path]
     torch.testing.assert_close(torch.tensor([r for _, r in device_path]), torch.tensor([r for _, r in host_path]),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [512, 700, 1030])
+def test_symmetric_gram_equals_the_full_product(width):
+    from hf_ispasp.algorithm import _gram, _symmetric_gram
+
+    rows = torch.randn(300, width, generator=torch.Generator().manual_seed(width))
+    gram = _symmetric_gram(rows)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
+    assert torch.equal(_gram(rows), gram)  # wide enough: the CPU takes the blocked product
+
+
+def test_spd_inverse_and_its_fallback():
+    from hf_ispasp.algorithm import _spd_inverse
+
+    a = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spd = a @ a.T + 0.1 * torch.eye(40, dtype=torch.float64)
+    torch.testing.assert_close(_spd_inverse(spd) @ spd, torch.eye(40, dtype=torch.float64))
+    indefinite = spd - 5 * torch.eye(40, dtype=torch.float64) * float(torch.linalg.eigvalsh(spd).max())
+    torch.testing.assert_close(_spd_inverse(indefinite), torch.linalg.inv(indefinite))
+
+
+def test_a_given_weight_gram_changes_nothing():
+    from hf_ispasp.algorithm import validate_refit, weight_gram
+
+    h, w, _ = _planted(n_tokens=600, width=24)
+    stats = BlockStatistics(24)
+    for i, part in enumerate(h.chunk(4)):
+        stats.update(part, torch.float64, fold=i % 2)
+    gram_w = weight_gram(w, stats)
+    torch.testing.assert_close(gram_w, w.T @ w)
+    for threshold in ("residual", "refit"):
+        plain = select_groups(stats, w, 1, 6, threshold=threshold)
+        given = select_groups(stats, w, 1, 6, threshold=threshold, weight_gram=gram_w)
+        assert torch.equal(plain.groups, given.groups) and plain.residual == given.residual
+    bias = torch.zeros(w.shape[0], dtype=torch.float64)
+    assert validate_refit(stats, w, bias, plain.groups, 1) == validate_refit(stats, w, bias, plain.groups, 1,
+                                                                             weight_gram=gram_w)
+
+
+def test_no_proxy_when_every_group_is_a_candidate(monkeypatch):
+    """Keeping half or more, the candidate set is every group: the proxy would be computed for nothing."""
+    from hf_ispasp import algorithm
+
+    h, w, _ = _planted()
+    stats = _stats(h)
+    expected = algorithm._Problem(stats, w, 1).residual_threshold(torch.arange(24), 12)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("proxy computed although every group is a candidate")
+
+    monkeypatch.setattr(algorithm._Problem, "proxy", fail)
+    result = select_groups(stats, w, 1, 12, threshold="residual")
+    assert torch.equal(result.groups, torch.sort(expected).values.cpu())
+    with pytest.raises(AssertionError, match="proxy computed"):
+        select_groups(stats, w, 1, 5, threshold="residual")
