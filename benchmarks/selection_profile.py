@@ -46,6 +46,8 @@ NAME = "selection_profile"
 # (output features d, width, group size, kept groups): a block's output projection is d x width.
 SHAPES: dict[str, tuple[int, int, int, int]] = {
     "tiny-ffn": (32, 96, 1, 48),
+    "minilm-ffn": (384, 1536, 1, 768),
+    "minilm-attn": (384, 384, 32, 9),
     "bert-base-ffn": (768, 3072, 1, 1536),
     "bert-base-attn": (768, 768, 64, 9),
     "bert-large-ffn": (1024, 4096, 1, 2048),

@@ -102,8 +102,9 @@ class PrunerConfig:
         calibration_batch_size: Batch size used when calibration data is a `datasets.Dataset`.
         group_by_length: Sort right-padded token sequences by length and re-batch them (as many per batch as the
             largest batch given) before calibrating, so the layers replay little padding: the statistics count
-            real tokens only, so only their rounding changes, and a prune of padded data runs up to twice as
-            fast (`hf_ispasp.packing`). Left-padded or otherwise unusual batches are used as given.
+            real tokens only, so only their rounding changes, while the layer replays of data padded per batch
+            can cost half as much (`hf_ispasp.packing`). Left-padded or otherwise unusual batches are used as
+            given.
         max_calibration_samples: Use at most this many calibration sequences (None: all). Applied to the data
             each process sees; under several processes cap before sharding (`hf_ispasp.distributed`).
         stats_dtype: Dtype of the per-batch statistic products (float32 products run in IEEE precision, never
