@@ -103,7 +103,9 @@ def shard_calibration_data(
         # Sorted by length before sharding (the pruner's own regrouping, done once for all processes): each
         # process then holds every N-th of the batches one process would prune, already sorted, which its
         # pruner leaves as they are, so per-batch products stay bit-identical to the single-process run.
-        loader = DataLoader(group_by_length(loader, pad_token_id), batch_size=1, collate_fn=_only)
+        grouped = group_by_length(loader, pad_token_id)
+        if isinstance(grouped, list):  # token batches (otherwise the loader is sharded as it is)
+            loader = DataLoader(grouped, batch_size=1, collate_fn=_only)
     try:
         num_batches = len(loader)
     except TypeError:

@@ -13,6 +13,7 @@ sequences, embeddings instead of ids, anything not a dict of 2-D tensors of one 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,16 +25,24 @@ __all__ = ["TOKEN_KEYS", "group_by_length"]
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-def group_by_length(batches: Iterable[Any], pad_token_id: int = 0) -> list[Any]:
+def group_by_length(batches: Iterable[Any], pad_token_id: int = 0) -> Iterable[Any]:
     """The sequences of ``batches`` sorted by length (stable) in batches of as many sequences as the largest one.
 
-    Right-padded token batches only; otherwise the batches are returned as they are (as a list). A regrouped batch
-    holds only :data:`TOKEN_KEYS` (other keys such as ``labels`` are not model inputs of a calibration pass) and is
-    never longer, in sequences or in tokens, than the largest batch given.
+    Right-padded token batches only (a list is returned). Anything else comes back as given: still streamed
+    (never held in memory at once) when the first batch already is not a token batch, as a list of the same
+    batch objects when a later one is not. A regrouped batch holds only :data:`TOKEN_KEYS` (other keys such as
+    ``labels`` are not model inputs of a calibration pass) and is never longer, in sequences or in tokens, than
+    the largest batch given.
     """
-    batches = list(batches)
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        return []
+    if _right_padded(first) is None:  # images, embeddings, ...: never materialise a stream of them
+        return itertools.chain([first], iterator)
+    batches = [first, *iterator]
     parsed = [_right_padded(batch) for batch in batches]
-    if not parsed or any(p is None for p in parsed):
+    if any(p is None for p in parsed):
         return batches
     keys = parsed[0][0]
     if any(p[0] != keys for p in parsed):

@@ -75,8 +75,19 @@ def test_batches_it_cannot_regroup_pass_through(case):
         batches = [{"pixel_values": torch.zeros(2, 3, 8, 8)}]
     elif case == "shape_mismatch":
         batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :-1]
-    packed = group_by_length(iter(batches))
+    packed = list(group_by_length(iter(batches)))
     assert len(packed) == len(batches) and all(p is b for p, b in zip(packed, batches, strict=True))
+
+
+def test_a_stream_of_non_token_batches_is_not_materialised():
+    def stream():
+        yield {"pixel_values": torch.zeros(2, 3, 8, 8)}
+        raise AssertionError("read ahead of the consumer")
+
+    regrouped = group_by_length(stream())
+    assert not isinstance(regrouped, list)
+    assert next(iter(regrouped))["pixel_values"].shape == (2, 3, 8, 8)
+    assert group_by_length([]) == []
 
 
 TOKEN_MODELS = sorted(k for k in tiny_factories() if k in {*TEXT_CONFIGS, *DECODER_CONFIGS})
