@@ -38,13 +38,14 @@ def group_by_length(batches: Iterable[Any], pad_token_id: int = 0) -> Iterable[A
     first = next(iterator, None)
     if first is None:
         return []
-    if _right_padded(first) is None:  # images, embeddings, ...: never materialise a stream of them
+    head = _right_padded(first)
+    if head is None:  # images, embeddings, ...: never materialise a stream of them
         return itertools.chain([first], iterator)
     batches = [first, *iterator]
-    parsed = [_right_padded(batch) for batch in batches]
+    parsed = [head, *(_right_padded(batch) for batch in batches[1:])]
     if any(p is None for p in parsed):
         return batches
-    keys = parsed[0][0]
+    keys = head[0]
     if any(p[0] != keys for p in parsed):
         return batches
     rows: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -60,8 +61,8 @@ def group_by_length(batches: Iterable[Any], pad_token_id: int = 0) -> Iterable[A
         width = chunk[-1][0]
         batch = {}
         for key in keys:
-            first = chunk[0][1][key]
-            padded = torch.full((len(chunk), width), fill.get(key, 0), dtype=first.dtype, device=first.device)
+            like = chunk[0][1][key]
+            padded = torch.full((len(chunk), width), fill.get(key, 0), dtype=like.dtype, device=like.device)
             for i, (length, row) in enumerate(chunk):
                 padded[i, :length] = row[key]
             batch[key] = padded
