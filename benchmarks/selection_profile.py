@@ -16,6 +16,7 @@ default config would choose for such data. Each phase: median of ``--repeats`` r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -82,6 +83,35 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     out = fn()
     _sync(device)
     return out, time.perf_counter() - start
+
+
+def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
+    """``fn()`` and the most bytes it held allocated at once beyond what was allocated before (its workspace).
+
+    CUDA: the caching allocator's peak counter. CPU: the allocation and free events of ``torch.profiler``
+    (``profile_memory``), replayed in time order; a temporary allocated and freed inside one operator (a LAPACK
+    workspace) is not seen, every tensor that outlives an operator is.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    # operators carry the bytes they allocated (net of what they freed) at their start; frees outside any
+    # operator (a tensor dropped by Python) are "[memory]" events
+    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return out, peak
 
 
 def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
@@ -201,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                 here = select_groups(stats.to(dtype=dtype), weight, group, keep, threshold="residual", centered=True)
                 runs[0][1]["residual_selection_equals_host"] = torch.equal(here.groups, on_host.groups)
             prims = primitives(keep * group, d, dtype, device, max(len(runs), 1))
+            _, workspace = peak_allocated(
+                functools.partial(block_phases, stats, weight, bias, group, keep, dtype, device), device)
+            matrix = width * width * torch.empty((), dtype=dtype).element_size()
             record = {"shape": shape, "dtype": dtype_name, "where": where, "d": d, "width": width, "group": group,
                       "keep": keep, "phases": phases, "spread": spread, "chosen": runs[0][1], "kept": kept,
-                      "primitives_at_kept_width": prims}
+                      "primitives_at_kept_width": prims, "workspace_mb": workspace / 2**20,
+                      "workspace_width2": workspace / matrix}
             if shape in args.profile:
                 record["profile"] = profile_table(stats, weight, bias, group, keep, dtype, device, 25)
                 print(record["profile"], flush=True)
@@ -227,13 +261,18 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
     title = f": {args.title}" if args.title else ""
     lines = [f"## Selection phases of one block on {where}{title}", "",
              f"Synthetic statistics ({args.tokens} tokens), default selection path, median of {args.repeats} "
-             "(seconds); primitives at the kept width k (k x k matrices, k x d right-hand sides).", "",
-             "| shape | dtype | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k | solve k |",
-             "|" + "---|" * (len(phases) + 7)]
+             "(seconds); primitives at the kept width k (k x k matrices, k x d right-hand sides). Workspace: the most "
+             "memory the whole selection holds at once beyond the block's statistics (CUDA: peak allocated; CPU: "
+             "torch.profiler allocation events), in MB and in width x width matrices of the selection dtype.", "",
+             "| shape | dtype | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k | solve k "
+             "| workspace MB | workspace (width^2 matrices) |",
+             "|" + "---|" * (len(phases) + 9)]
     for r in records:
         p, q = r["phases"], r["primitives_at_kept_width"]
         cells = [f"{p.get(name, 0.0):.4f}" for name in phases] + [
-            f"{q[n]:.4f}" if n in q else "-" for n in ("eigh", "eigh_magma", "inv", "cholesky", "solve")]
+            f"{q[n]:.4f}" if n in q else "-" for n in ("eigh", "eigh_magma", "inv", "cholesky", "solve")] + [
+            f"{r['workspace_mb']:.1f}" if "workspace_mb" in r else "-",
+            f"{r['workspace_width2']:.2f}" if "workspace_width2" in r else "-"]
         lines.append(f"| {r['shape']} | {r['dtype']} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (args.output_dir / f"{NAME}{suffix}.md").write_text(text)

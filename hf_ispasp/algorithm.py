@@ -17,6 +17,7 @@ This module knows nothing of transformers or timm.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -113,7 +114,11 @@ class BlockStatistics:
         self.device = torch.device(self.device)
         for name, dims in self._SHAPES.items():
             if getattr(self, name) is None:
-                setattr(self, name, torch.zeros((self.width,) * dims, dtype=self.dtype, device=self.device))
+                shape = (self.width,) * dims
+                if given is None:
+                    setattr(self, name, torch.zeros(shape, dtype=self.dtype, device=self.device))
+                else:  # a read-only zero that takes no memory (a half has no fold sums of its own)
+                    setattr(self, name, torch.zeros((), dtype=self.dtype, device=self.device).expand(shape))
 
     def update(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32, fold: int | None = None) -> None:
         """Add rows of ``hidden`` (tokens x width), already stripped of padding tokens.
@@ -172,10 +177,13 @@ class BlockStatistics:
         return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
 
     def halves(self) -> tuple[BlockStatistics, BlockStatistics] | None:
-        """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown."""
+        """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
+
+        Fold 0 shares this object's fold sums (no copy of a width^2 matrix; read it, do not add to it).
+        """
         if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
             return None
-        first = BlockStatistics(self.width, self.fold_count.clone(), self.fold_total.clone(), self.fold_gram.clone())
+        first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram)
         second = BlockStatistics(
             self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram
         )
@@ -303,10 +311,19 @@ class _Problem:
         self.weight = _matching(weight, stats)
         self.gram = stats.gram
         self.total = stats.total
-        self.energy = stats.gram * (_gram(self.weight) if weight_gram is None else weight_gram)  # E = G * P
+        self._weight_gram = weight_gram
         self.num_groups = stats.width // group_size
-        self.full_energy = float(self.energy.sum())
         self._host: tuple[np.ndarray, np.ndarray] | None = None
+
+    @functools.cached_property
+    def energy(self) -> torch.Tensor:
+        """``E = G * W^T W`` (elementwise), formed on first use: the re-fit threshold needs it only at the end,
+        after its own width^2 matrices are gone."""
+        return self.gram * (_gram(self.weight) if self._weight_gram is None else self._weight_gram)
+
+    @functools.cached_property
+    def full_energy(self) -> float:
+        return float(self.energy.sum())
 
     def dropped_mask(self, support: torch.Tensor) -> torch.Tensor:
         mask = torch.ones(self.num_groups, dtype=self.gram.dtype, device=self.gram.device)
@@ -385,7 +402,7 @@ class _Problem:
         """:meth:`residual_threshold` where the statistics live, without a host synchronisation per step."""
         energy_m = self.dropped_energy(merged)
         energy = self.group_energy()
-        energy_t = energy.T.contiguous()  # row j = column j of E (E is symmetric up to rounding; keep the column)
+        energy_t = energy if torch.equal(energy, energy.T) else energy.T.contiguous()  # row j = column j of E
         self_energy = torch.diagonal(energy).clone()
         n, device = self.num_groups, energy.device
         # +inf on groups that cannot leave: the increase of a dropped (or protected) group is never the minimum
@@ -429,13 +446,17 @@ class _Problem:
     def group_energy(self) -> torch.Tensor:
         """``E`` summed over the column pairs of every pair of groups (groups x groups)."""
         g = self.group_size
+        if g == 1:
+            return self.energy  # a sum over one column pair is the entry itself: no width^2 copy
         return self.energy.reshape(self.num_groups, g, self.num_groups, g).sum((1, 3))
 
     def _host_energy(self) -> tuple[np.ndarray, np.ndarray]:
         """Group-level energy (transposed: row j = column j) and its diagonal, on the host, computed once."""
         if self._host is None:
             host = self.group_energy().cpu().numpy()
-            self._host = (np.ascontiguousarray(host.T), np.diagonal(host).copy())
+            # row j = column j of E: E itself where it is exactly symmetric (the CPU Gram matrices are), else a copy
+            transposed = host if np.array_equal(host, host.T) else np.ascontiguousarray(host.T)
+            self._host = (transposed, np.diagonal(host).copy())
         return self._host
 
     def refit_threshold(
@@ -463,16 +484,19 @@ class _Problem:
         cov = _moments(self.stats, centered)[1]
         support = torch.sort(merged).values
         cols = group_columns(support, g)
-        c_ss = _submatrix(cov, cols, cols)
         ridge = _ridge(cov, cols, damping, anchored)
-        inv = _spd_inverse(c_ss + ridge * torch.eye(len(cols), dtype=cov.dtype, device=cov.device))
         cross = cov[cols] @ self.weight.T  # Q: (m g) x d
+        total = float((self.weight @ cov * self.weight).sum())
+        system = _submatrix(cov, cols, cols)
+        del cov  # what follows needs only the kept block: at most three width^2 matrices live at once
+        system.diagonal().add_(ridge)  # C_SS + ridge I, in place
+        inv = _spd_inverse(system)
+        del system
         column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
         if anchored:
             cross = cross + ridge * self.weight[:, cols].T
         coef = inv @ cross  # Z
         kept = support
-        total = float((self.weight @ cov * self.weight).sum())
 
         def objective() -> float:
             explained = float((cross * coef).sum())
@@ -718,12 +742,22 @@ def output_energy(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tens
     return max(float(value), 0.0)
 
 
+_ROWS = 256  # rows per chunk of an in-place width^2 update
+
+
 def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and second moment per token (centred when the projection has a bias to absorb the mean)."""
+    """Mean and second moment per token (centred when the projection has a bias to absorb the mean).
+
+    The mean's outer product is subtracted a block of rows at a time, in place: one width^2 matrix is formed, not
+    three (the same values as ``gram / n - outer(mean, mean)``).
+    """
     n = max(float(stats.count), 1.0)
     mean = stats.total / n
     moment = stats.gram / n
-    return mean, (moment - torch.outer(mean, mean) if centered else moment)
+    if centered:
+        for start in range(0, moment.shape[0], _ROWS):
+            moment[start : start + _ROWS] -= torch.outer(mean[start : start + _ROWS], mean)
+    return mean, moment
 
 
 def _ridge(moment: torch.Tensor, cols: torch.Tensor, damping: float, anchored: bool) -> float:
@@ -829,6 +863,14 @@ class RefitChoice:
     validated: bool = True
 
 
+def _fold(half: BlockStatistics, centered: bool, w: torch.Tensor, gram_w: torch.Tensor, cols: torch.Tensor) -> Fold:
+    """What the cross-validation needs of one half; its width^2 covariance is freed on return (one at a time)."""
+    mean, cov = _moments(half, centered)
+    cov_w, cov_ss, unit = cov[cols] @ w.T, _submatrix(cov, cols, cols), torch.diagonal(cov).mean().clamp_min(0)
+    total = cov.mul_(gram_w).sum()  # tr(W C W^T) = sum(C * W^T W), in C's own memory (C is not needed after)
+    return Fold(mean, float(half.count), cov_w, cov_ss, total, unit)
+
+
 def validate_refit(
     stats: BlockStatistics,
     weight: torch.Tensor,
@@ -860,13 +902,11 @@ def validate_refit(
         return RefitChoice(None, plain, plain, validated=False)
     n = float(stats.count)
     centered = bias is not None
-    folds = []
-    for half in halves:
-        mean, cov = _moments(half, centered)
-        folds.append(Fold(mean, cov, float(half.count), cov[cols] @ w.T, _submatrix(cov, cols, cols)))
+    folds = [_fold(half, centered, w, gram_w, cols) for half in halves]
+    del halves  # the second half's width^2 sums are not needed any more
     scores = dict.fromkeys(ridges, 0.0)
     for fit, test in (folds, folds[::-1]):
-        for ridge, value in fold_scores(fit, test, w, gram_w, centered, cols, ridges, n / fit.count).items():
+        for ridge, value in fold_scores(fit, test, w, centered, cols, ridges, n / fit.count).items():
             scores[ridge] += value
     best = min(scores, key=lambda r: scores[r])  # ties: the first (smallest) ridge of the grid
     if scores[best] < plain:

@@ -19,14 +19,15 @@ class Fold:
     """Moments of one half, and its products with the kept columns (shared by both directions of the CV)."""
 
     mean: torch.Tensor
-    cov: torch.Tensor
     count: float
     cov_w: torch.Tensor  # C[S, :] W^T  (k x d)
     cov_ss: torch.Tensor  # C[S, S]
+    total: torch.Tensor  # tr(W C W^T): the residual of a zero re-fit on this half
+    unit: torch.Tensor  # mean variance of the columns, the scale of the relative ridges
 
 
 def fold_scores(
-    fit: Fold, test: Fold, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, cols: torch.Tensor,
+    fit: Fold, test: Fold, w: torch.Tensor, centered: bool, cols: torch.Tensor,
     ridges: tuple[float, ...], scale: float,
 ) -> dict[float, float]:
     """Residual on ``test`` of the anchored re-fit on ``fit``, for every relative ridge (times ``scale``).
@@ -45,14 +46,15 @@ def fold_scores(
     p = vectors.T @ w[:, cols].T
     cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
     rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
-    total = (test.cov * gram_w).sum()  # tr(W C_t W^T)
+    total = test.total  # tr(W C_t W^T)
     # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
     bp = b @ p.T
-    quad = (rotated * (b @ b.T), rotated * (bp + bp.T), rotated * (p @ p.T))
+    # the k x k products are scaled by M in place (the same values as M * product): three k x k matrices, not six
+    quad = ((b @ b.T).mul_(rotated), bp.add_(bp.T.clone()).mul_(rotated), (p @ p.T).mul_(rotated))
     lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     delta_s = vectors.T @ delta[cols]
     w_delta = w @ delta
-    unit = torch.diagonal(fit.cov).mean().clamp_min(0)
+    unit = fit.unit
     # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
     finite = [r for r in ridges if not math.isinf(r)]
     r = torch.tensor(finite, dtype=values.dtype, device=values.device) * scale * unit + 1e-12
