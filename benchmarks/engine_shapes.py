@@ -195,11 +195,34 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         # which groups were kept, as a digest: engines that select alike have equal digests (and equal quality)
         "kept_digest": hashlib.sha1(kept.encode()).hexdigest()[:12],
     }
+    record.update(_memory_bound(model, pruner.report, pruned_bytes))
+    if device.type == "cpu":  # tensors held at once during one more (untimed) prune, from the profiler's events
+        from selection_profile import peak_allocated
+
+        _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config()).prune(batches), device)
+        record["peak_extra_allocated_mb"] = peak / 2**20
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
     if args.reference and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
         record.update(_reference(model, args, device))
     return record
+
+
+def _memory_bound(model: Any, report: Any, returned: int) -> dict[str, float]:
+    """Issue 8's memory bound, in MB: the largest layer, the statistics of one layer's blocks (float64: Gram
+    matrix, column sums, and their fold-0 parts) and the activation cache (as the prune reported it), plus the
+    pruned model the prune returns (``returned`` bytes: new memory unless it prunes in place)."""
+    from hf_ispasp.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    layers = list(adapter.layers())
+    layer = max(sum(p.numel() * p.element_size() for p in module.parameters()) for module in layers)
+    widths = [[b.num_groups * b.group_size for b in adapter.blocks(i)] for i in range(len(layers))]
+    statistics_bytes = max(sum(2 * (w * w + w) * 8 for w in layer_widths) for layer_widths in widths)
+    cache = sum(report.activation_cache_bytes.values())
+    return {"bound_layer_mb": layer / 2**20, "bound_statistics_mb": statistics_bytes / 2**20,
+            "bound_cache_mb": cache / 2**20, "bound_returned_mb": returned / 2**20,
+            "bound_mb": (layer + statistics_bytes + cache + returned) / 2**20}
 
 
 def _reference(model: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
@@ -236,14 +259,20 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "the first polarity sentences, at most 64 tokens, padded per batch), FFN 0.5 / heads 0.75, "
         f"default config; {meta.get('where')}. ratio = prune / one dense forward over the same calibration set "
         "(median of the interleaved repeats, range in brackets). Peak extra device memory = peak allocated during "
-        "the prune minus allocated before it (the returned model included). 'same as CPU' = blocks whose kept "
+        "the prune minus allocated before it (the returned model included); on a CPU, peak extra allocated = the "
+        "most tensor memory held at once during one more prune (torch.profiler allocation events; the resident "
+        "set, peak extra host, also counts memory the C allocator kept after it was freed). bound = issue 8's "
+        "budget for the extra memory: the largest layer + one layer's float64 statistics + the activation cache, "
+        "plus the pruned model it returns (layer / statistics / cache / returned MB in brackets). 'same as CPU' = "
+        "blocks whose kept "
         "groups equal a CPU float64 prune on the same (smaller) calibration set: default (float64) selection / "
         "selection_dtype=float32. 'kept' = digest of every block's kept groups (equal digests: the same pruned "
         "model, hence the same quality).",
         "",
         "| shape | dtype | engine | forward s | prune s | ratio | calibration s | selection s | model MB | "
-        "pruned MB | peak extra device MB | peak extra host MB | same as CPU | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "pruned MB | peak extra device MB | peak extra host MB | peak extra allocated MB | bound MB | same as CPU | "
+        "kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         same = (f"{r['same_as_cpu']}/{r['blocks']} / {r['same_as_cpu_float32_selection']}/{r['blocks']}"
@@ -252,7 +281,8 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['forward_s']:.3f} | {r['prune_s']:.2f} | "
             f"{r['ratio']:.1f} [{r['ratio_min']:.1f}-{r['ratio_max']:.1f}] | {r['calibration_s']:.2f} | "
             f"{r['selection_s']:.2f} | {r['model_mb']:.0f} | {r['pruned_mb']:.0f} | "
-            f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | {same} | "
+            f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | "
+            f"{fmt(r.get('peak_extra_allocated_mb'), '.0f')} | {_bound(r)} | {same} | "
             f"{r.get('kept_digest', '-')} |"
         )
     if any(r["engine"] == "before" for r in records):
@@ -267,6 +297,13 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{r['ratio']:.1f}x -> {'met' if r['ratio'] <= goal else 'not met'} (calibration "
                          f"{r['calibration_s'] / r['forward_s']:.1f}x a forward, selection {r['selection_s']:.1f} s).")
     return "\n".join(lines) + "\n"
+
+
+def _bound(record: dict[str, Any]) -> str:
+    if "bound_mb" not in record:  # measured before the bound was recorded
+        return "-"
+    return (f"{record['bound_mb']:.0f} ({record['bound_layer_mb']:.0f} / {record['bound_statistics_mb']:.0f} / "
+            f"{record['bound_cache_mb']:.0f} / {record['bound_returned_mb']:.0f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-path", type=Path, help="another hf_ispasp source tree to measure as 'before'")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--title", default="", help="the table's heading (default: shapes and machine)")
+    parser.add_argument("--baseline-label", default="", help="what --baseline-path is, e.g. 'commit abc1234 (...)'")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="current", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -325,8 +364,8 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     card = next((r["card"] for r in records if "card" in r), None)
     where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
     meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device,
-            "tiny": args.tiny, "title": f"{', '.join(args.shape)} on {where}",
-            "baseline": str(args.baseline_path) if args.baseline_path else None}
+            "tiny": args.tiny, "title": args.title or f"{', '.join(args.shape)} on {where}",
+            "baseline": (args.baseline_label or str(args.baseline_path)) if args.baseline_path else None}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
