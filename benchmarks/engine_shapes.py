@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -150,6 +151,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    overrides = parse_config(args.config[0]) if args.config else {}
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.shape == MINILM:
@@ -167,7 +169,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        pruner = ISpaSPPruner(model, _config())
+        pruner = ISpaSPPruner(model, _config(**overrides))
         _sync(device)
         start = time.perf_counter()
         pruned = pruner.prune(batches)
@@ -194,18 +196,35 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_extra_host_mb": peak_host,
         # which groups were kept, as a digest: engines that select alike have equal digests (and equal quality)
         "kept_digest": hashlib.sha1(kept.encode()).hexdigest()[:12],
+        "config": args.config[0] if args.config else "default",
     }
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
     if device.type == "cpu":  # tensors held at once during one more (untimed) prune, from the profiler's events
         from selection_profile import peak_allocated
 
-        _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config()).prune(batches), device)
+        _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config(**overrides)).prune(batches), device)
         record["peak_extra_allocated_mb"] = peak / 2**20
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
     if args.reference and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
-        record.update(_reference(model, args, device))
+        record.update(_reference(model, args, device, overrides))
     return record
+
+
+def parse_config(variant: str) -> dict[str, Any]:
+    """``default`` or ``key=value,key=value`` (values parsed as JSON where they parse) -> PrunerConfig overrides."""
+    if variant == "default":
+        return {}
+    overrides: dict[str, Any] = {}
+    for item in variant.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
 
 
 def _memory_bound(model: Any, report: Any, returned: int) -> dict[str, float]:
@@ -225,7 +244,7 @@ def _memory_bound(model: Any, report: Any, returned: int) -> dict[str, float]:
             "bound_mb": (layer + statistics_bytes + cache + returned) / 2**20}
 
 
-def _reference(model: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+def _reference(model: Any, args: argparse.Namespace, device: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     """The same prune on ``args.reference`` sequences on the device and on the CPU (float64): same groups?"""
     import copy
 
@@ -234,13 +253,13 @@ def _reference(model: Any, args: argparse.Namespace, device: Any) -> dict[str, A
     from hf_ispasp import ISpaSPPruner
 
     data = _batches(args.reference, args.length, args.batch_size, seed=1, vocab=_vocab(args.shape))
-    on_device = ISpaSPPruner(model, _config())
+    on_device = ISpaSPPruner(model, _config(**overrides))
     on_device.prune(data)
     cpu_model = copy.deepcopy(model).to("cpu", torch.float32)
-    on_cpu = ISpaSPPruner(cpu_model, _config(selection_dtype="float64"))
+    on_cpu = ISpaSPPruner(cpu_model, _config(**{**overrides, "selection_dtype": "float64"}))
     on_cpu.prune(data)
     same = sum(a.kept == b.kept for a, b in zip(on_device.report.blocks, on_cpu.report.blocks, strict=True))
-    single = ISpaSPPruner(model, _config(selection_dtype="float32"))
+    single = ISpaSPPruner(model, _config(**{**overrides, "selection_dtype": "float32"}))
     single.prune(data)
     same32 = sum(a.kept == b.kept for a, b in zip(single.report.blocks, on_cpu.report.blocks, strict=True))
     return {"reference_sequences": args.reference, "blocks": len(on_cpu.report.blocks), "same_as_cpu": same,
@@ -278,7 +297,7 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         same = (f"{r['same_as_cpu']}/{r['blocks']} / {r['same_as_cpu_float32_selection']}/{r['blocks']}"
                 if "same_as_cpu" in r else "-")
         lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['engine']} | {r['forward_s']:.3f} | {r['prune_s']:.2f} | "
+            f"| {r['shape']} | {r['dtype']} | {_engine(r)} | {r['forward_s']:.3f} | {r['prune_s']:.2f} | "
             f"{r['ratio']:.1f} [{r['ratio_min']:.1f}-{r['ratio_max']:.1f}] | {r['calibration_s']:.2f} | "
             f"{r['selection_s']:.2f} | {r['model_mb']:.0f} | {r['pruned_mb']:.0f} | "
             f"{fmt(r['peak_extra_device_mb'], '.0f')} | {r['peak_extra_host_mb']:.0f} | "
@@ -291,12 +310,18 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      "prune to the same model.")
     targets = {512: 2.0, 128: 3.0}  # issue 8's CPU targets for MiniLM (prune / one dense forward)
     for r in records:
-        if r["shape"] == MINILM and r["device"] == "cpu" and r["engine"] == "current" and r["sequences"] in targets:
+        if (r["shape"] == MINILM and r["device"] == "cpu" and r["engine"] == "current" and r["sequences"] in targets
+                and r.get("config", "default") == "default"):
             goal = targets[r["sequences"]]
             lines.append(f"\nTarget prune <= {goal}x one dense forward at {r['sequences']} sentences: "
                          f"{r['ratio']:.1f}x -> {'met' if r['ratio'] <= goal else 'not met'} (calibration "
                          f"{r['calibration_s'] / r['forward_s']:.1f}x a forward, selection {r['selection_s']:.1f} s).")
     return "\n".join(lines) + "\n"
+
+
+def _engine(record: dict[str, Any]) -> str:
+    config = record.get("config", "default")
+    return record["engine"] if config == "default" else f"{record['engine']}, {config}"
 
 
 def _bound(record: dict[str, Any]) -> str:
@@ -322,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-path", type=Path, help="another hf_ispasp source tree to measure as 'before'")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--config", nargs="*", default=[],
+                        help="PrunerConfig variants to measure, each 'default' or 'key=value,key=value' (values as "
+                             "JSON, e.g. refit_validation=false); default: the default config only")
     parser.add_argument("--title", default="", help="the table's heading (default: shapes and machine)")
     parser.add_argument("--baseline-label", default="", help="what --baseline-path is, e.g. 'commit abc1234 (...)'")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -338,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     engines = [("current", str(ROOT))] + ([("before", str(args.baseline_path))] if args.baseline_path else [])
     for shape in args.shape:
-        for dtype in args.dtype:
+        for dtype, variant in itertools.product(args.dtype, args.config or ["default"]):
             for engine, path in engines:
                 cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--dtype", dtype, "--engine", engine,
+                       "--config", variant,
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
                        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
                        "--reference", str(args.reference), "--threads", str(args.threads)]
@@ -350,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
-                    print(f"{shape} {dtype} {engine} failed:\n{proc.stderr[-3000:]}", flush=True)
+                    print(f"{shape} {dtype} {engine} {variant} failed:\n{proc.stderr[-3000:]}", flush=True)
                     continue
                 record = json.loads(line[len("RESULT "):])
                 records.append(record)
