@@ -197,16 +197,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         # which groups were kept, as a digest: engines that select alike have equal digests (and equal quality)
         "kept_digest": hashlib.sha1(kept.encode()).hexdigest()[:12],
         "config": args.config[0] if args.config else "default",
+        # every repeat, so that rounds of a run can be merged (see _merge)
+        "prunes": prunes, "forwards": forwards, "ratios": ratios, "calibrations": calibration, "selections": selection,
     }
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
-    if device.type == "cpu":  # tensors held at once during one more (untimed) prune, from the profiler's events
+    if device.type == "cpu" and not args.no_memory:  # tensors held at once in one more (untimed) prune
         from selection_profile import peak_allocated
 
         _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config(**overrides)).prune(batches), device)
         record["peak_extra_allocated_mb"] = peak / 2**20
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
-    if args.reference and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
+    first_round = not args.no_memory
+    if args.reference and first_round and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
         record.update(_reference(model, args, device, overrides))
     return record
 
@@ -277,7 +280,8 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Random weights, {meta.get('sequences')} x {meta.get('length')} random tokens (minilm: all-MiniLM-L6-v2 on "
         "the first polarity sentences, at most 64 tokens, padded per batch), FFN 0.5 / heads 0.75, "
         f"default config; {meta.get('where')}. ratio = prune / one dense forward over the same calibration set "
-        "(median of the interleaved repeats, range in brackets). Peak extra device memory = peak allocated during "
+        "(median of the interleaved repeats, pooled over the rounds of engines run in alternation, range in "
+        "brackets). Peak extra device memory = peak allocated during "
         "the prune minus allocated before it (the returned model included); on a CPU, peak extra allocated = the "
         "most tensor memory held at once during one more prune (torch.profiler allocation events; the resident "
         "set, peak extra host, also counts memory the C allocator kept after it was freed). bound = issue 8's "
@@ -352,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                              "JSON, e.g. refit_validation=false); default: the default config only")
     parser.add_argument("--title", default="", help="the table's heading (default: shapes and machine)")
     parser.add_argument("--baseline-label", default="", help="what --baseline-path is, e.g. 'commit abc1234 (...)'")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the engines this many times (ABBA...), pooling their repeats: drift of the "
+                             "machine between engines then averages out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="current", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -366,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     engines = [("current", str(ROOT))] + ([("before", str(args.baseline_path))] if args.baseline_path else [])
     for shape in args.shape:
-        for dtype, variant in itertools.product(args.dtype, args.config or ["default"]):
-            for engine, path in engines:
+        for dtype, variant, round_ in itertools.product(args.dtype, args.config or ["default"], range(args.rounds)):
+            for engine, path in engines if round_ % 2 == 0 else engines[::-1]:
                 cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--dtype", dtype, "--engine", engine,
-                       "--config", variant,
+                       "--config", variant, *(["--no-memory"] if round_ else []),
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
                        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
                        "--reference", str(args.reference), "--threads", str(args.threads)]
@@ -382,11 +390,33 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{shape} {dtype} {engine} {variant} failed:\n{proc.stderr[-3000:]}", flush=True)
                     continue
                 record = json.loads(line[len("RESULT "):])
-                records.append(record)
+                records = _merge(records, record)
                 print(json.dumps(record), flush=True)
                 _write(args, records)  # a cut-off run keeps what it measured
     print(_write(args, records))
     return 0 if records else 1
+
+
+def _merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add ``new`` to ``records``, pooling its repeats with an earlier round of the same shape, dtype, engine and
+    config (timings: medians and ranges over all repeats; memory and agreement: from the first round)."""
+    key = ("shape", "dtype", "engine", "config")
+    for record in records:
+        if all(record.get(k) == new.get(k) for k in key) and "prunes" in record:
+            for name in ("prunes", "forwards", "ratios", "calibrations", "selections"):
+                record[name] = record[name] + new[name]
+            record["rounds"] = record.get("rounds", 1) + 1
+            record.update({
+                "forward_s": statistics.median(record["forwards"]), "prune_s": statistics.median(record["prunes"]),
+                "ratio": statistics.median(record["ratios"]), "ratio_min": min(record["ratios"]),
+                "ratio_max": max(record["ratios"]), "calibration_s": statistics.median(record["calibrations"]),
+                "selection_s": statistics.median(record["selections"]),
+                "peak_extra_host_mb": max(record["peak_extra_host_mb"], new["peak_extra_host_mb"]),
+            })
+            if record.get("peak_extra_device_mb") is not None and new.get("peak_extra_device_mb") is not None:
+                record["peak_extra_device_mb"] = max(record["peak_extra_device_mb"], new["peak_extra_device_mb"])
+            return records
+    return [*records, new]
 
 
 def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:

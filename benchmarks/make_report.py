@@ -151,16 +151,30 @@ def summary(results_dir: Path) -> str:
 def _cpu_engine_summary(results_dir: Path) -> list[str]:
     """The engine's CPU targets (MiniLM-L6, 2 threads): prune / one dense forward at 512 and 128 sentences."""
     limits = {512: 2.0, 128: 3.0}
-    rows = []
+    rows, others = [], []
     for sequences in limits:
         data = _json(results_dir, f"engine_shapes_cpu_minilm{sequences}")
-        rows += [r for r in (data or {}).get("records", []) if r.get("engine") == "current"]
+        current = [r for r in (data or {}).get("records", []) if r.get("engine") == "current"]
+        rows += [r for r in current if r.get("config", "default") == "default"]
+        others += [r for r in current if r.get("config", "default") != "default"]
     if not rows:
         return []
     cells = [f"{r['sequences']} sentences {r['ratio']:.1f}x (target <= {limits[r['sequences']]}x)" for r in rows]
     met = all(r["ratio"] <= limits[r["sequences"]] for r in rows)
-    return [f"- Engine on the CPU (MiniLM-L6, 2 threads), prune / one dense forward: {', '.join(cells)} -> "
-            f"{'met' if met else 'not met'}."]
+    lines = [f"- Engine on the CPU (MiniLM-L6, 2 threads), prune / one dense forward: {', '.join(cells)} -> "
+             f"{'met' if met else 'not met'}."]
+    if others:
+        lines.append("  Other configs in the same runs: " + ", ".join(
+            f"{r['config']} {r['ratio']:.1f}x at {r['sequences']} sentences" for r in others) + ".")
+    memory = [r for r in rows if "bound_mb" in r and "peak_extra_allocated_mb" in r]
+    if memory:
+        cells = [f"{r['peak_extra_allocated_mb']:.0f} MB at {r['sequences']} sentences (bound {r['bound_mb']:.0f} MB)"
+                 for r in memory]
+        met = all(r["peak_extra_allocated_mb"] <= r["bound_mb"] for r in memory)
+        lines.append(f"- Engine memory on the CPU (MiniLM-L6, model {memory[0]['model_mb']:.0f} MB), peak extra "
+                     "tensor memory of a prune vs one layer + statistics + activation cache + the returned model: "
+                     f"{', '.join(cells)} -> {'met' if met else 'not met'}.")
+    return lines
 
 
 def _gpu_summary(results_dir: Path) -> list[str]:
