@@ -34,13 +34,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hf_ispasp.algorithm import (  # noqa: E402
-    REFIT_RIDGES,
     BlockStatistics,
     refit_projection,
     residual_after_refit,
     select_groups,
-    validate_refit,
-    weight_gram,
+    validated_selection,
 )
 
 NAME = "selection_profile"
@@ -116,30 +114,27 @@ def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[Any, in
 
 def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
                  dtype: torch.dtype, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
-    """One default selection of the block, phase by phase (seconds), and what it chose."""
-    ridges = tuple(sorted(set(REFIT_RIDGES)))
+    """One default selection of the block, phase by phase (seconds), and what it chose: the library's own path
+    (:func:`hf_ispasp.algorithm.validated_selection`, timed through its phase hook), then the final re-fit."""
     seconds: dict[str, float] = {}
-    s, seconds["to_dtype"] = _timed(lambda: stats.to(dtype=dtype), device)
-    gram_w, seconds["weight_gram"] = _timed(lambda: weight_gram(weight, s), device)
-    first, seconds["select_residual"] = _timed(
-        lambda: select_groups(s, weight, group, keep, threshold="residual", centered=True, weight_gram=gram_w),
-        device)
-    choice, seconds["validate_1"] = _timed(
-        lambda: validate_refit(s, weight, bias, first.groups, group, ridges, gram_w), device)
-    result, final = first, choice
-    if choice.ridge is not None and not math.isinf(choice.ridge):
-        other, seconds["select_refit"] = _timed(
-            lambda: select_groups(s, weight, group, keep, threshold="refit", centered=True, damping=choice.ridge,
-                                  anchored=True, weight_gram=gram_w), device)
-        other_choice, seconds["validate_2"] = _timed(
-            lambda: validate_refit(s, weight, bias, other.groups, group, ridges, gram_w), device)
-        if other_choice.ridge is not None and other_choice.heldout <= choice.heldout:
-            result, final = other, other_choice
+
+    def timed(name: str, step: Callable[[], Any]) -> Any:
+        out, seconds[name] = _timed(step, device)
+        return out
+
+    s = timed("to_dtype", lambda: stats.to(dtype=dtype))
+
+    def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor) -> Any:
+        return select_groups(s, weight, group, keep, threshold=threshold, centered=True,
+                             damping=1e-4 if damping is None else damping, anchored=anchored, weight_gram=gram_w)
+
+    result, final = validated_selection(s, weight, bias, group, select, threshold="refit", refit_threshold=True,
+                                        refit=True, phase=timed)
     if final.ridge is not None:
         def refit() -> float:
             fitted = refit_projection(s, weight, bias, result.groups, group, final.ridge, anchored=True)
             return residual_after_refit(s, weight, bias, result.groups, group, *fitted)
-        _, seconds["refit"] = _timed(refit, device)
+        timed("refit", refit)
     seconds["total"] = sum(seconds.values())
     chosen = {"ridge": final.ridge, "iterations": result.iterations,
               "kept_digest": hash(tuple(result.groups.tolist())) & 0xFFFFFFFF}

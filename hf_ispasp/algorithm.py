@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -102,6 +102,7 @@ class BlockStatistics:
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float64
     _compensation: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
 
     _SHAPES: ClassVar[dict[str, int]] = {
         "count": 0, "total": 1, "gram": 2, "fold_count": 0, "fold_total": 1, "fold_gram": 2, "unassigned": 0,
@@ -126,6 +127,9 @@ class BlockStatistics:
         ``dtype`` is the precision of the products (float32: IEEE, never TF32); ``fold`` (0 or 1) says which
         half of the calibration data the rows belong to; ``None``: unknown.
         """
+        if self._read_only:
+            raise ValueError("these statistics are one half of another object's (BlockStatistics.halves()) and share "
+                             "its sums: update the statistics they came from, then take the halves again")
         if hidden.shape[-1] != self.width:
             raise ValueError(f"hidden representation has width {hidden.shape[-1]}, statistics expect {self.width}")
         if fold not in (None, 0, 1):
@@ -183,9 +187,10 @@ class BlockStatistics:
         """
         if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
             return None
-        first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram)
+        first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram, _read_only=True)
         second = BlockStatistics(
-            self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram
+            self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram,
+            _read_only=True,
         )
         return first, second
 
@@ -912,3 +917,59 @@ def validate_refit(
     if scores[best] < plain:
         return RefitChoice(best, scores[best], plain, scores)
     return RefitChoice(None, plain, plain, scores)
+
+
+Phase = Callable[[str, Callable[[], Any]], Any]
+
+
+def _run(name: str, step: Callable[[], Any]) -> Any:
+    return step()
+
+
+def validated_selection(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    select: Callable[[str, float | None, bool, torch.Tensor], SelectionResult],
+    *,
+    threshold: str,
+    refit_threshold: bool,
+    refit: bool,
+    ridges: tuple[float, ...] = REFIT_RIDGES,
+    phase: Phase = _run,
+) -> tuple[SelectionResult, RefitChoice]:
+    """Selection and re-fit ridge chosen on held-out halves of the calibration data (the pruner's default path).
+
+    ``select(threshold, damping, anchored, weight_gram)`` runs one selection of the block (``damping=None``: the
+    caller's). With the re-fit-aware threshold (``refit_threshold``), the ridge is first validated on the support of
+    the exact-residual threshold (which needs no ridge); the re-fit threshold then runs with that ridge, and its
+    support is kept only if it does better on held-out data (the re-fit's held-out residual with ``refit``, plain
+    selection's without). Otherwise the support of ``threshold`` is validated alone. Where no re-fit beats plain
+    selection on held-out data, or the halves are unavailable, the choice's ridge is ``None``.
+
+    Measured on MiniLM-L6 polarity (FFN 0.5 / heads 0.75, mean KL to dense on the test set): keeping the better
+    support on held-out data gave KL 0.0090 at 32 calibration sentences and 0.0056 at 512, against 0.0103 / 0.0056
+    for always the re-fit threshold's support and 0.0109 / 0.0080 for always the exact-residual one.
+
+    ``phase(name, step)`` runs every step (``weight_gram``, ``select_residual``, ``validate_1``, ``select_refit``,
+    ``validate_2``) and returns its result: a benchmark times them through it.
+    """
+    gram_w = phase("weight_gram", lambda: weight_gram(weight, stats))  # shared by both selections and validations
+    first = "residual" if refit_threshold else threshold
+    result = phase("select_residual", lambda: select(first, None, False, gram_w))
+    choice = phase("validate_1",
+                   lambda: validate_refit(stats, weight, bias, result.groups, group_size, ridges, gram_w))
+    if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
+        ridge = choice.ridge
+        other = phase("select_refit", lambda: select("refit", ridge, True, gram_w))
+        # the same support validates the same way (the two thresholds agree): skip its two eigendecompositions
+        other_choice = choice if torch.equal(other.groups, result.groups) else phase(
+            "validate_2", lambda: validate_refit(stats, weight, bias, other.groups, group_size, ridges, gram_w))
+        if refit:
+            better = other_choice.ridge is not None and other_choice.heldout <= choice.heldout
+        else:
+            better = other_choice.plain <= choice.plain
+        if better:
+            result, choice = other, other_choice
+    return result, choice

@@ -29,8 +29,7 @@ from .algorithm import (
     refit_projection,
     residual_after_refit,
     select_groups,
-    validate_refit,
-    weight_gram,
+    validated_selection,
 )
 from .baselines import mean_compensation
 from .budget import block_costs, error_curves, widths_for_target
@@ -442,42 +441,24 @@ class ISpaSPPruner:
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
         keep: int, weight: torch.Tensor, bias: torch.Tensor | None,
     ) -> tuple[SelectionResult, RefitChoice]:
-        """Selection and re-fit ridge chosen on held-out halves of the calibration data.
-
-        With the re-fit-aware threshold, the ridge is first validated on the support of the exact-residual
-        threshold (which needs no ridge); the re-fit threshold then runs with that ridge, and its support is kept
-        only if it does better on held-out data. Where no re-fit beats plain selection on held-out data, or the
-        halves are unavailable, the support is the exact-residual one and nothing is re-fitted (the exact-residual
-        threshold is the better no-re-fit rule: KL 0.047 vs 0.104 for `output` at 32 sequences, 0.052 vs 0.097
-        at 512). Chosen by measurement (MiniLM-L6 polarity, FFN 0.5 / heads 0.75, mean KL to dense on the test
-        set): keeping the better support on held-out data gave KL 0.0090 at 32 calibration sentences and 0.0056
-        at 512, against 0.0103 / 0.0056 for always taking the re-fit threshold's support and 0.0109 / 0.0080 for
-        always the exact-residual one. Costs two validations and one extra cheap selection per block (about
-        9 s per MiniLM-L6 prune on 2 cores).
-        """
+        """Selection and re-fit ridge chosen on held-out halves of the calibration data
+        (:func:`hf_ispasp.algorithm.validated_selection`). Where no re-fit beats plain selection on held-out data,
+        or the halves are unavailable, the support is the exact-residual one and nothing is re-fitted (the
+        exact-residual threshold is the better no-re-fit rule: KL 0.047 vs 0.104 for `output` at 32 sequences,
+        0.052 vs 0.097 at 512). Costs two validations and one extra cheap selection per block."""
         config = self.config
-        ridges = tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)}))
-        g = block.group_size
-        refit_threshold = config.threshold == "refit" and config.selection == "ispasp"
-        threshold = "residual" if refit_threshold else config.threshold
-        gram_w = weight_gram(weight, stats)  # W^T W: shared by both selections and both validations
-        result = self._select(adapter, block, stats, generator, keep, weight, bias, threshold, gram_w=gram_w)
-        choice = validate_refit(stats, weight, bias, result.groups, g, ridges, gram_w)
+
+        def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor) -> SelectionResult:
+            return self._select(adapter, block, stats, generator, keep, weight, bias, threshold, damping, anchored,
+                                gram_w)
+
+        result, choice = validated_selection(
+            stats, weight, bias, block.group_size, select, threshold=config.threshold,
+            refit_threshold=config.threshold == "refit" and config.selection == "ispasp", refit=config.refit,
+            ridges=tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)})),
+        )
         if not choice.validated:
             self._warn_unvalidated(block, stats)
-        if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
-            other = self._select(adapter, block, stats, generator, keep, weight, bias, "refit", choice.ridge, True,
-                                 gram_w)
-            # the same support validates the same way (the two thresholds agree): skip its two eighs
-            same = torch.equal(other.groups, result.groups)
-            other_choice = choice if same else validate_refit(stats, weight, bias, other.groups, g, ridges, gram_w)
-            # What is installed: the re-fit (held-out residual) or, with refit=False, plain selection.
-            if config.refit:
-                better = other_choice.ridge is not None and other_choice.heldout <= choice.heldout
-            else:
-                better = other_choice.plain <= choice.plain
-            if better:
-                result, choice = other, other_choice
         return result, choice
 
     def _warn_small_calibration(self, block: PrunableBlock, stats: BlockStatistics) -> None:

@@ -351,6 +351,8 @@ def test_statistics_halves_and_moments_take_no_extra_copies():
     assert first.gram.data_ptr() == stats.fold_gram.data_ptr()  # fold 0 is read where it is summed
     assert first.fold_gram.stride() == (0, 0) and float(first.fold_gram.abs().sum()) == 0.0  # zero, no memory
     assert first.halves() is None and second.halves() is None
+    with pytest.raises(ValueError, match="halves"):  # adding to fold 0 would change the statistics it came from
+        first.update(torch.ones(2, 8, dtype=torch.float64), torch.float64, fold=0)
     torch.testing.assert_close(second.gram, stats.gram - stats.fold_gram, rtol=0, atol=0)
     from hf_ispasp.algorithm import _moments
 
