@@ -202,7 +202,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
     if device.type == "cpu" and not args.no_memory:  # tensors held at once in one more (untimed) prune
-        from selection_profile import peak_allocated
+        from peak_memory import peak_allocated
 
         _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config(**overrides)).prune(batches), device)
         record["peak_extra_allocated_mb"] = peak / 2**20

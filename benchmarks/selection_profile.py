@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from peak_memory import peak_allocated  # noqa: E402
+
 from hf_ispasp.algorithm import (  # noqa: E402
     BlockStatistics,
     refit_projection,
@@ -81,35 +83,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     out = fn()
     _sync(device)
     return out, time.perf_counter() - start
-
-
-def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """``fn()`` and the most bytes it held allocated at once beyond what was allocated before (its workspace).
-
-    CUDA: the caching allocator's peak counter. CPU: the allocation and free events of ``torch.profiler``
-    (``profile_memory``), replayed in time order; a temporary allocated and freed inside one operator (a LAPACK
-    workspace) is not seen, every tensor that outlives an operator is.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    # operators carry the bytes they allocated (net of what they freed) at their start; frees outside any
-    # operator (a tensor dropped by Python) are "[memory]" events
-    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return out, peak
 
 
 def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
