@@ -188,9 +188,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "shape": args.shape, "dtype": args.dtype, "device": str(device), "engine": args.engine,
         "engine_version": getattr(hf_ispasp, "__version__", "?"), "sequences": args.sequences, "length": args.length,
-        "forward_s": statistics.median(forwards), "prune_s": statistics.median(prunes),
-        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "calibration_s": statistics.median(calibration), "selection_s": statistics.median(selection),
         "model_mb": model_bytes / 2**20, "pruned_mb": pruned_bytes / 2**20,
         "peak_extra_device_mb": max(peaks_device) / 2**20 if peaks_device else None,
         "peak_extra_host_mb": peak_host,
@@ -200,6 +197,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         # every repeat, so that rounds of a run can be merged (see _merge)
         "prunes": prunes, "forwards": forwards, "ratios": ratios, "calibrations": calibration, "selections": selection,
     }
+    _summarise(record)
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
     if device.type == "cpu" and not args.no_memory:  # tensors held at once in one more (untimed) prune
         from peak_memory import peak_allocated
@@ -397,6 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if records else 1
 
 
+def _summarise(record: dict[str, Any]) -> None:
+    """Medians (and the ratio's range) of a record's repeats."""
+    record.update({
+        "forward_s": statistics.median(record["forwards"]), "prune_s": statistics.median(record["prunes"]),
+        "ratio": statistics.median(record["ratios"]), "ratio_min": min(record["ratios"]),
+        "ratio_max": max(record["ratios"]), "calibration_s": statistics.median(record["calibrations"]),
+        "selection_s": statistics.median(record["selections"]),
+    })
+
+
 def _merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, Any]]:
     """Add ``new`` to ``records``, pooling its repeats with an earlier round of the same shape, dtype, engine and
     config (timings: medians and ranges over all repeats; memory and agreement: from the first round)."""
@@ -406,13 +414,8 @@ def _merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str,
             for name in ("prunes", "forwards", "ratios", "calibrations", "selections"):
                 record[name] = record[name] + new[name]
             record["rounds"] = record.get("rounds", 1) + 1
-            record.update({
-                "forward_s": statistics.median(record["forwards"]), "prune_s": statistics.median(record["prunes"]),
-                "ratio": statistics.median(record["ratios"]), "ratio_min": min(record["ratios"]),
-                "ratio_max": max(record["ratios"]), "calibration_s": statistics.median(record["calibrations"]),
-                "selection_s": statistics.median(record["selections"]),
-                "peak_extra_host_mb": max(record["peak_extra_host_mb"], new["peak_extra_host_mb"]),
-            })
+            record["peak_extra_host_mb"] = max(record["peak_extra_host_mb"], new["peak_extra_host_mb"])
+            _summarise(record)
             if record.get("peak_extra_device_mb") is not None and new.get("peak_extra_device_mb") is not None:
                 record["peak_extra_device_mb"] = max(record["peak_extra_device_mb"], new["peak_extra_device_mb"])
             return records

@@ -306,6 +306,12 @@ def _topk_groups(
     return order[:k]
 
 
+def _columns_as_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """A matrix whose row j is column j of ``matrix``: ``matrix`` itself where it is exactly symmetric (the CPU Gram
+    matrices are), else a transposed copy."""
+    return matrix if torch.equal(matrix, matrix.T) else matrix.T.contiguous()
+
+
 class _Problem:
     """The quadratic forms of one block, precomputed once per selection."""
 
@@ -407,7 +413,7 @@ class _Problem:
         """:meth:`residual_threshold` where the statistics live, without a host synchronisation per step."""
         energy_m = self.dropped_energy(merged)
         energy = self.group_energy()
-        energy_t = energy if torch.equal(energy, energy.T) else energy.T.contiguous()  # row j = column j of E
+        energy_t = _columns_as_rows(energy)
         self_energy = torch.diagonal(energy).clone()
         n, device = self.num_groups, energy.device
         # +inf on groups that cannot leave: the increase of a dropped (or protected) group is never the minimum
@@ -458,10 +464,8 @@ class _Problem:
     def _host_energy(self) -> tuple[np.ndarray, np.ndarray]:
         """Group-level energy (transposed: row j = column j) and its diagonal, on the host, computed once."""
         if self._host is None:
-            host = self.group_energy().cpu().numpy()
-            # row j = column j of E: E itself where it is exactly symmetric (the CPU Gram matrices are), else a copy
-            transposed = host if np.array_equal(host, host.T) else np.ascontiguousarray(host.T)
-            self._host = (transposed, np.diagonal(host).copy())
+            energy = self.group_energy()
+            self._host = (_columns_as_rows(energy).cpu().numpy(), torch.diagonal(energy).cpu().numpy().copy())
         return self._host
 
     def refit_threshold(
