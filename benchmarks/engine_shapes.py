@@ -285,8 +285,8 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "set, peak extra host, also counts memory the C allocator kept after it was freed). bound = issue 8's "
         "budget for the extra memory: the largest layer + one layer's float64 statistics + the activation cache, "
         "plus the pruned model it returns (layer / statistics / cache / returned MB in brackets). 'same as CPU' = "
-        "blocks whose kept "
-        "groups equal a CPU float64 prune on the same (smaller) calibration set: default (float64) selection / "
+        "blocks whose kept groups equal a CPU float64 prune on the same (smaller) calibration set: default "
+        "(selection_dtype=auto: float64 selection, validated in float32 from 2 calibration tokens per column) / "
         "selection_dtype=float32. 'kept' = digest of every block's kept groups (equal digests: the same pruned "
         "model, hence the same quality).",
         "",

@@ -24,6 +24,7 @@ ORDER = [
     ("synthetic", "1. The paper's synthetic experiment"),
     ("selection_rules", "3. Selection rules on a real model"),
     ("calibration_size", "Calibration-set size and the validated re-fit"),
+    ("selection_precision", "Selection precision: float64, auto and float32"),
     ("finetune_recovery", "Fine-tuning recovery"),
     ("peer_torch_pruning", "4. Torch-Pruning side by side"),
     ("pruning_speed", "5. Pruning speed and scaling"),

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-OWN = ["synthetic", "selection_rules", "calibration_size", "peer_torch_pruning", "pruning_speed",
-       "engine_shapes", "inference_speed", "onnx_latency", "load_memory", "train_decoders", "decoder_perplexity",
-       "peer_torch_pruning_llm"]
+OWN = ["synthetic", "selection_rules", "calibration_size", "selection_precision", "peer_torch_pruning",
+       "pruning_speed", "engine_shapes", "inference_speed", "onnx_latency", "load_memory", "train_decoders",
+       "decoder_perplexity", "peer_torch_pruning_llm"]
 OTHERS = ["finetune_recovery", "vision_efficientnet"]  # written by other engineers: plain invocation
 SCRIPTS = OWN + OTHERS
 

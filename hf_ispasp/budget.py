@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters.base import adapter_for
-from .algorithm import output_energy, residual_curve
+from .algorithm import output_energy, residual_curve, selection_precision
 from .allocation import BudgetBlock, Pricing, allocate
 from .config import kept_count
 from .metrics import _call, count_parameters, flop_counter
@@ -362,13 +362,13 @@ def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationC
     if reduce is not None:
         reduce(energy)
     per_position = float(energy[0]) / max(float(energy[1]), 1.0)
-    stats_dtype, selection_dtype = getattr(torch, config.stats_dtype), getattr(torch, config.selection_dtype)
+    stats_dtype = getattr(torch, config.stats_dtype)
     curves: Curves = {}
     for block in adapter.blocks(index):
         stats = collect_block_statistics(layer, adapter, block, cache, device, stats_dtype)
         for tensor in stats.tensors() if reduce is not None else ():
             reduce(tensor)
-        stats = stats.to(dtype=selection_dtype)
+        stats = stats.to(dtype=selection_precision(stats, config.selection_dtype)[0])  # curves: no validation
         weight, bias = adapter.output_weight(block), adapter.output_bias(block)
         counts, residuals = residual_curve(
             stats, weight, block.group_size, refit=config.refit, centered=bias is not None,

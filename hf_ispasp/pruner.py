@@ -29,6 +29,7 @@ from .algorithm import (
     refit_projection,
     residual_after_refit,
     select_groups,
+    selection_precision,
     validated_selection,
 )
 from .baselines import mean_compensation
@@ -343,7 +344,6 @@ class ISpaSPPruner:
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator
     ) -> BlockReport:
         config = self.config
-        stats = stats.to(dtype=getattr(torch, config.selection_dtype))
         if self._widths is not None:  # allocated for a FLOPs/params target
             keep = self._widths[block.name]
         else:
@@ -362,11 +362,7 @@ class ISpaSPPruner:
         uses_refit = config.refit or (config.threshold == "refit" and config.selection == "ispasp")
         self._warn_small_calibration(block, stats)
         validate = config.refit_validation and pruning and uses_refit
-        choice = None
-        if validate:
-            result, choice = self._validated_selection(adapter, block, stats, generator, keep, weight, bias)
-        else:
-            result = self._select(adapter, block, stats, generator, keep, weight, bias, config.threshold)
+        result, choice = self._selection(adapter, block, stats, generator, keep, weight, bias, validate)
         full = _output_energy(stats, weight, result)
         refit_rel = heldout_rel = ridge = None
         fitted = None
@@ -404,6 +400,42 @@ class ISpaSPPruner:
             result.iterations, [int(g) for g in result.groups], ridge if fitted is not None else None, heldout_rel,
         )
 
+    def _selection(
+        self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
+        keep: int, weight: torch.Tensor, bias: torch.Tensor | None, validate: bool,
+    ) -> tuple[SelectionResult, RefitChoice | None]:
+        """The block's selection (and re-fit choice, ``validate``) in the precisions ``selection_dtype`` picks.
+
+        Where a float32 factorisation fails (an eigendecomposition that does not converge on an ill-conditioned
+        kept covariance), everything runs again in the accumulation precision from the same random state.
+        Whatever writes weights (re-fit, mean compensation) reads the accumulated statistics, so an equal
+        selection gives the same pruned block in any precision.
+        """
+        selection, validation = selection_precision(stats, self.config.selection_dtype)
+        state = generator.get_state()
+        try:
+            return self._select_in(adapter, block, stats, generator, keep, weight, bias, validate, selection,
+                                   validation)
+        except torch.linalg.LinAlgError as err:
+            if selection == validation == stats.dtype:
+                raise
+            full = str(stats.dtype).removeprefix("torch.")
+            logger.info("i-SpaSP: %s: a float32 factorisation failed (%s); selecting in %s", block.name,
+                        str(err).splitlines()[0], full)
+            generator.set_state(state)
+            return self._select_in(adapter, block, stats, generator, keep, weight, bias, validate, stats.dtype,
+                                   stats.dtype)
+
+    def _select_in(
+        self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
+        keep: int, weight: torch.Tensor, bias: torch.Tensor | None, validate: bool, selection: torch.dtype,
+        validation: torch.dtype,
+    ) -> tuple[SelectionResult, RefitChoice | None]:
+        selecting = stats.to(dtype=selection)
+        if validate:
+            return self._validated_selection(adapter, block, selecting, generator, keep, weight, bias, validation)
+        return self._select(adapter, block, selecting, generator, keep, weight, bias, self.config.threshold), None
+
     def _add_bias(self, adapter: ModelAdapter, block: PrunableBlock) -> None:
         """Give the block's (compacted) bias-free ``down`` a bias and note its path for the width record."""
         down = adapter.current_down(block)
@@ -439,7 +471,7 @@ class ISpaSPPruner:
 
     def _validated_selection(
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
-        keep: int, weight: torch.Tensor, bias: torch.Tensor | None,
+        keep: int, weight: torch.Tensor, bias: torch.Tensor | None, validation_dtype: torch.dtype | None = None,
     ) -> tuple[SelectionResult, RefitChoice]:
         """Selection and re-fit ridge chosen on held-out halves of the calibration data
         (:func:`hf_ispasp.algorithm.validated_selection`). Where no re-fit beats plain selection on held-out data,
@@ -455,7 +487,7 @@ class ISpaSPPruner:
         result, choice = validated_selection(
             stats, weight, bias, block.group_size, select, threshold=config.threshold,
             refit_threshold=config.threshold == "refit" and config.selection == "ispasp", refit=config.refit,
-            ridges=tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)})),
+            ridges=tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)})), validation_dtype=validation_dtype,
         )
         if not choice.validated:
             self._warn_unvalidated(block, stats)

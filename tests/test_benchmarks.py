@@ -155,6 +155,24 @@ def test_calibration_size(tmp_path: Path) -> None:
     assert "same selection, no re-fit" in (tmp_path / "calibration_size.md").read_text()
 
 
+def test_selection_precision(tmp_path: Path) -> None:
+    import selection_precision as bench
+
+    assert bench.main(["--tiny", "--output-dir", str(tmp_path)]) == 0
+    data = _load(tmp_path, "selection_precision")
+    by = {(r["sequences"], r["precision"]): r for r in data["records"]}
+    assert set(by) == {(n, p) for n in bench.TINY_SIZES for p in bench.PRECISIONS}
+    for n in bench.TINY_SIZES:
+        assert by[(n, "float64")]["float32_blocks"] == []
+        assert len(by[(n, "float32")]["float32_blocks"]) == by[(n, "float32")]["blocks"]
+        auto = by[(n, "auto")]
+        if auto["kept"] == by[(n, "float64")]["kept"] and auto["ridges"] == by[(n, "float64")]["ridges"]:
+            assert auto["digest"] == by[(n, "float64")]["digest"]  # the re-fit reads the float64 statistics
+    assert bench.main(["--report-only", "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "selection_precision.md").read_text()
+    assert "| same model |" in text and "`auto`: the same pruned model as float64" in text
+
+
 def test_decoder_perplexity(tmp_path: Path, monkeypatch) -> None:
     import decoder_perplexity
 
