@@ -90,6 +90,11 @@ class BlockStatistics:
     ``hf_ispasp.statistics``) are kept, so that the re-fit can be validated on held-out data: fold 1 is the
     difference. That doubles the memory (2 x width^2), never more. Rows added without a fold are counted in
     ``unassigned``; the halves are then unavailable.
+
+    ``panels`` (a CPU block of 512 columns or more, float64 sums): each batch adds only the blocks on and below
+    the diagonal of its Gram matrix, and :meth:`finish` mirrors them once after the last batch. The sums are
+    those of whole symmetric matrices bit for bit (every entry is added the same values in the same order), with
+    half the additions and no per-batch mirroring; anything that reads the sums finishes them first.
     """
 
     width: int
@@ -102,7 +107,9 @@ class BlockStatistics:
     unassigned: torch.Tensor | None = None
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float64
+    panels: bool = False
     _compensation: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _mirrored: bool = field(default=True, repr=False)  # False: the Gram sums hold only their lower blocks
     _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
 
     _SHAPES: ClassVar[dict[str, int]] = {
@@ -138,20 +145,43 @@ class BlockStatistics:
         rows = hidden.reshape(-1, self.width).to(device=self.device)
         if rows.shape[0] == 0:
             return
+        panels = self.panels and _by_blocks(rows) and self.dtype == torch.float64
         with ieee_float32():
-            total, gram = _sums(rows, dtype)
+            if panels:
+                rows = rows.to(dtype)
+                total, gram = rows.sum(0), None
+                self._add_panels(rows, fold == 0)
+            else:
+                total, gram = _sums(rows, dtype)
         if self.dtype != torch.float64:  # a float64 sum adds lower-precision values exactly, without a copy
             total, gram = total.to(self.dtype), gram.to(self.dtype)
         count = float(rows.shape[0])  # a Python number: no host-to-device copy per batch
         self._add("count", count)
         self._add("total", total)
-        self._add("gram", gram)
+        if gram is not None:
+            self._add("gram", gram)
         if fold == 0:
             self._add("fold_count", count)
             self._add("fold_total", total)
-            self._add("fold_gram", gram)
+            if gram is not None:
+                self._add("fold_gram", gram)
         elif fold is None:
             self._add("unassigned", count)
+
+    def _add_panels(self, rows: torch.Tensor, fold_zero: bool) -> None:
+        """Add the blocks on and below the diagonal of ``rows^T rows`` to the Gram sums (see ``panels``)."""
+        self._mirrored = False
+        for start, end, panel in _lower_panels(rows):
+            self.gram[start:, start:end] += panel
+            if fold_zero:
+                self.fold_gram[start:, start:end] += panel
+
+    def finish(self) -> None:
+        """Complete Gram sums accumulated as lower blocks (``panels``) by mirroring them; a no-op otherwise."""
+        if not self._mirrored:
+            _mirror_lower(self.gram)
+            _mirror_lower(self.fold_gram)
+            self._mirrored = True
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
         target = getattr(self, name)
@@ -167,10 +197,12 @@ class BlockStatistics:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across processes."""
+        self.finish()
         return [getattr(self, name) for name in self._SHAPES]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockStatistics:
         """A copy on ``device`` in ``dtype`` (selection may run in another precision than accumulation)."""
+        self.finish()
         device = self.device if device is None else torch.device(device)
         dtype = self.dtype if dtype is None else dtype
         if device == self.device and dtype == self.dtype:
@@ -179,6 +211,7 @@ class BlockStatistics:
         return BlockStatistics(self.width, **moved)
 
     def is_finite(self) -> bool:
+        self.finish()
         return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
 
     def halves(self) -> tuple[BlockStatistics, BlockStatistics] | None:
@@ -186,6 +219,7 @@ class BlockStatistics:
 
         Fold 0 shares this object's fold sums (no copy of a width^2 matrix; read it, do not add to it).
         """
+        self.finish()
         if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
             return None
         first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram, _read_only=True)
@@ -235,9 +269,14 @@ def _sums(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:
     """``rows^T rows``; on a CPU, at widths where it pays, from half the blocks (:func:`_symmetric_gram`)."""
-    if rows.device.type == "cpu" and rows.shape[1] >= 2 * _GRAM_BLOCK:
+    if _by_blocks(rows):
         return _symmetric_gram(rows)
     return rows.T @ rows
+
+
+def _by_blocks(rows: torch.Tensor) -> bool:
+    """Whether the Gram matrix of ``rows`` is formed from its lower blocks (a CPU, 512 columns or more)."""
+    return rows.device.type == "cpu" and rows.shape[1] >= 2 * _GRAM_BLOCK
 
 
 def weight_gram(weight: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
@@ -255,14 +294,29 @@ def _symmetric_gram(rows: torch.Tensor) -> torch.Tensor:
     entry is a dot product over the rows, as in the full product, and the result is exactly symmetric."""
     width = rows.shape[1]
     gram = torch.empty(width, width, dtype=rows.dtype, device=rows.device)
+    for start, end, panel in _lower_panels(rows):
+        gram[start:, start:end] = panel
+    _mirror_lower(gram)
+    return gram
+
+
+def _lower_panels(rows: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, panel)``: rows ``start:`` of columns ``start:end`` of ``rows^T rows``, block by block."""
+    width = rows.shape[1]
     for start in range(0, width, _GRAM_BLOCK):
         end = min(start + _GRAM_BLOCK, width)
-        block = rows[:, start:].T @ rows[:, start:end]  # rows start.. of columns start:end
-        gram[start:, start:end] = block
-        gram[start:end, end:] = block[end - start :].T
-        square = block[: end - start]  # the diagonal block, exactly symmetric: its lower triangle mirrored
-        gram[start:end, start:end] = torch.tril(square) + torch.tril(square, -1).T
-    return gram
+        yield start, end, rows[:, start:].T @ rows[:, start:end]
+
+
+def _mirror_lower(matrix: torch.Tensor) -> None:
+    """Make ``matrix`` exactly symmetric from its blocks on and below the diagonal (:data:`_GRAM_BLOCK` wide), in
+    place: the blocks above are their transposes, a diagonal block's upper triangle its lower one."""
+    width = matrix.shape[0]
+    for start in range(0, width, _GRAM_BLOCK):
+        end = min(start + _GRAM_BLOCK, width)
+        matrix[start:end, end:] = matrix[end:, start:end].T
+        square = matrix[start:end, start:end]
+        square.copy_(torch.tril(square) + torch.tril(square, -1).T)
 
 
 _HALF_PRODUCTS: dict[str, bool] = {}

@@ -441,7 +441,7 @@ def collect_block_statistics(
 
     def add(rows: torch.Tensor, fold: int | None) -> None:
         if "stats" not in state:
-            state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate)
+            state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate, panels=True)
         state["stats"].update(rows, dtype, fold)
 
     def hook(module: nn.Module, args: tuple) -> None:

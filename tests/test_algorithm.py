@@ -360,3 +360,31 @@ def test_statistics_halves_and_moments_take_no_extra_copies():
     mean, cov = _moments(stats, centered=True)
     assert torch.equal(cov, stats.gram / n - torch.outer(mean, mean))  # the in-place rows: the same numbers
     assert torch.equal(_moments(stats, centered=False)[1], stats.gram / n)
+
+
+@pytest.mark.parametrize("width", [600, 1030])
+def test_panel_sums_equal_whole_gram_sums_bit_for_bit(width):
+    """CPU blocks of 512+ columns sum only the lower Gram blocks per batch and mirror once (``panels``): the same
+    sums, fold sums and halves as adding whole symmetric Gram matrices, and anything that reads them finishes
+    them first."""
+    gen = torch.Generator().manual_seed(0)
+    whole, panels = BlockStatistics(width), BlockStatistics(width, panels=True)
+    for i in range(5):
+        rows = torch.randn(37 + i, width, generator=gen) * torch.rand(width, generator=gen) + 0.3
+        for stats in (whole, panels):
+            stats.update(rows, fold=i % 2)
+    assert not torch.equal(panels.gram, panels.gram.T)  # only the lower blocks so far
+    halves = panels.halves()  # reads the sums: finishes them
+    for name in BlockStatistics._SHAPES:
+        assert torch.equal(getattr(panels, name), getattr(whole, name)), name
+    assert torch.equal(panels.gram, panels.gram.T)
+    for ours, theirs in zip(halves, whole.halves(), strict=True):
+        assert torch.equal(ours.gram, theirs.gram)
+    extra = torch.randn(3, width, generator=gen)
+    for stats in (whole, panels):  # more rows after finishing: still exact
+        stats.update(extra, fold=0)
+    for ours, theirs in zip(panels.tensors(), whole.tensors(), strict=True):
+        assert torch.equal(ours, theirs)
+    again = BlockStatistics(width, panels=True)
+    again.update(extra, fold=1)
+    assert torch.equal(again.to().gram, again.gram.T)  # to() finishes too
