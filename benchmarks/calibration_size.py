@@ -15,7 +15,6 @@ accuracy, agreement with the dense model, mean KL(dense || pruned).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 from collections import Counter
@@ -210,20 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args(argv)
     if args.report_only:
-        data = json.loads((args.output_dir / f"{NAME}.json").read_text())
-        text = report(data)
-        common.write_fragment(args.output_dir, NAME, text)
-        print(text)
-        return 0
+        return common.rebuild(args.output_dir, NAME, report)
     sizes = args.sizes or (TINY_SIZES if args.tiny else SIZES)
     task = common.load_task(tiny=args.tiny, calibration_size=max(sizes), work_dir=args.output_dir)
     results = common.Results(args.output_dir, NAME, {"tiny": args.tiny, "dense": task.dense_metrics,
                                                      "sizes": sizes}, resume=not args.fresh)
     run(task, results, sizes)
-    text = report(results.data)
-    common.write_fragment(args.output_dir, NAME, text)
-    print(text)
-    return 0
+    return common.publish(args.output_dir, NAME, report(results.data))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,18 @@ def write_fragment(output_dir: Path, name: str, text: str) -> Path:
     return path
 
 
+def publish(output_dir: Path, name: str, text: str) -> int:
+    """Write a benchmark's markdown fragment and print it; the exit status of its ``main``."""
+    write_fragment(output_dir, name, text)
+    print(text)
+    return 0
+
+
+def rebuild(output_dir: Path, name: str, report: Any) -> int:
+    """``--report-only``: the fragment again from the JSON of an earlier run (``report(data) -> markdown``)."""
+    return publish(output_dir, name, report(json.loads((Path(output_dir) / f"{name}.json").read_text())))
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 

@@ -16,7 +16,6 @@ precisions run one after the other per size; `engine_shapes.py` measures the spe
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,18 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args(argv)
     if args.report_only:
-        text = report(json.loads((args.output_dir / f"{NAME}.json").read_text()))
-        common.write_fragment(args.output_dir, NAME, text)
-        print(text)
-        return 0
+        return common.rebuild(args.output_dir, NAME, report)
     sizes = args.sizes or (TINY_SIZES if args.tiny else SIZES)
     task = common.load_task(tiny=args.tiny, calibration_size=max(sizes), work_dir=args.output_dir)
     results = common.Results(args.output_dir, NAME, {"tiny": args.tiny, "sizes": sizes}, resume=not args.fresh)
     run(task, results, sizes)
-    text = report(results.data)
-    common.write_fragment(args.output_dir, NAME, text)
-    print(text)
-    return 0
+    return common.publish(args.output_dir, NAME, report(results.data))
 
 
 if __name__ == "__main__":

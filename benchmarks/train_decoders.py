@@ -14,7 +14,6 @@ reloads each folder with ``from_pretrained`` and measures validation / test perp
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -130,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     args = parser.parse_args(argv)
     if args.report_only:
-        data = json.loads((args.output_dir / f"{NAME}.json").read_text())
-        text = report(data)
-        common.write_fragment(args.output_dir, NAME, text)
-        print(text)
-        return 0
+        return common.rebuild(args.output_dir, NAME, report)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     results = common.Results(args.output_dir, NAME, {"tiny": args.tiny, "kinds": args.kinds})
@@ -144,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind}: {record['parameters'] / 1e6:.2f}M params, {record['steps']} steps in "
               f"{record['train_seconds'] / 60:.1f} min, validation ppl {record['validation_perplexity']:.2f}, "
               f"test ppl {record['test_perplexity']:.2f}", flush=True)
-    text = report(results.data)
-    common.write_fragment(args.output_dir, NAME, text)
-    print(text)
-    return 0
+    return common.publish(args.output_dir, NAME, report(results.data))
 
 
 if __name__ == "__main__":
