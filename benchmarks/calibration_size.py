@@ -203,19 +203,7 @@ def report(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="*", type=int, default=None, help="calibration sequences to sweep")
-    parser.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
-    args = parser.parse_args(argv)
-    if args.report_only:
-        return common.rebuild(args.output_dir, NAME, report)
-    sizes = args.sizes or (TINY_SIZES if args.tiny else SIZES)
-    task = common.load_task(tiny=args.tiny, calibration_size=max(sizes), work_dir=args.output_dir)
-    results = common.Results(args.output_dir, NAME, {"tiny": args.tiny, "dense": task.dense_metrics,
-                                                     "sizes": sizes}, resume=not args.fresh)
-    run(task, results, sizes)
-    return common.publish(args.output_dir, NAME, report(results.data))
+    return common.size_sweep(argv, __doc__.splitlines()[0], NAME, SIZES, TINY_SIZES, run, report)
 
 
 if __name__ == "__main__":

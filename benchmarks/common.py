@@ -134,6 +134,26 @@ def rebuild(output_dir: Path, name: str, report: Any) -> int:
     return publish(output_dir, name, report(json.loads((Path(output_dir) / f"{name}.json").read_text())))
 
 
+def size_sweep(argv: list[str] | None, description: str, name: str, sizes: list[int], tiny_sizes: list[int],
+               run: Any, report: Any) -> int:
+    """The ``main`` of a benchmark that sweeps calibration-set sizes on the polarity task: ``--sizes``,
+    ``--fresh``, ``--report-only``; ``run(task, results, sizes)`` adds the records (a rerun resumes them),
+    ``report(data)`` writes the markdown."""
+    parser = base_parser(description)
+    parser.add_argument("--sizes", nargs="*", type=int, default=None, help="calibration sequences to sweep")
+    parser.add_argument("--fresh", action="store_true", help="ignore records of an earlier run")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        return rebuild(args.output_dir, name, report)
+    chosen = args.sizes or (tiny_sizes if args.tiny else sizes)
+    task = load_task(tiny=args.tiny, calibration_size=max(chosen), work_dir=args.output_dir)
+    results = Results(args.output_dir, name, {"tiny": args.tiny, "dense": task.dense_metrics, "sizes": chosen},
+                      resume=not args.fresh)
+    run(task, results, chosen)
+    return publish(args.output_dir, name, report(results.data))
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
