@@ -412,6 +412,11 @@ def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[_FoldRows
     return plan
 
 
+# Rows per fold multiplied at once on a CPU (BlockStatistics.deferred_rows): 1.45x faster sums than one product per
+# batch and fold at width 1536 (370-row batches; 1024 rows: 1.3x, 4096: no faster), 12 MB per fold at that width.
+DEFERRED_ROWS = 2048
+
+
 def collect_block_statistics(
     layer: nn.Module,
     adapter: ModelAdapter,
@@ -441,7 +446,8 @@ def collect_block_statistics(
 
     def add(rows: torch.Tensor, fold: int | None) -> None:
         if "stats" not in state:
-            state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate, panels=True)
+            state["stats"] = BlockStatistics(width or rows.shape[-1], device=device, dtype=accumulate, panels=True,
+                                             deferred_rows=DEFERRED_ROWS)
         state["stats"].update(rows, dtype, fold)
 
     def hook(module: nn.Module, args: tuple) -> None:

@@ -388,3 +388,34 @@ def test_panel_sums_equal_whole_gram_sums_bit_for_bit(width):
     again = BlockStatistics(width, panels=True)
     again.update(extra, fold=1)
     assert torch.equal(again.to().gram, again.gram.T)  # to() finishes too
+
+
+def test_deferred_rows_multiply_whole_buffers():
+    """``deferred_rows``: a fold's rows are multiplied a full buffer at a time (the fold sums are exactly those of
+    adding 64-row chunks), the rest when the sums are first read; counts and column sums are untouched, the Gram
+    sums agree with per-batch products to float32 rounding, and the buffers are freed."""
+    gen = torch.Generator().manual_seed(1)
+    width, size = 600, 64
+    batches = [torch.randn(37 + i, width, generator=gen) + 0.2 for i in range(7)]
+    deferred = BlockStatistics(width, panels=True, deferred_rows=size)
+    per_batch = BlockStatistics(width, panels=True)
+    for i, rows in enumerate(batches):
+        for stats in (deferred, per_batch):
+            stats.update(rows, fold=i % 2)
+    assert float(deferred.gram.abs().sum()) > 0  # full buffers were multiplied already
+    chunks = BlockStatistics(width, panels=True)
+    fold0 = torch.cat(batches[0::2])
+    for start in range(0, len(fold0), size):  # what the fold-0 buffer saw, a buffer at a time
+        chunks.update(fold0[start : start + size], fold=0)
+    halves = deferred.halves()
+    assert not deferred._pending
+    assert torch.equal(deferred.fold_gram, chunks.to().fold_gram)
+    for name in ("count", "total", "fold_count", "fold_total"):
+        assert torch.equal(getattr(deferred, name), getattr(per_batch, name)), name
+    torch.testing.assert_close(deferred.gram, per_batch.to().gram, rtol=1e-6, atol=1e-3)
+    assert torch.equal(deferred.gram, deferred.gram.T)
+    torch.testing.assert_close(halves[1].gram, per_batch.halves()[1].gram, rtol=1e-6, atol=1e-3)
+    deferred.update(batches[0][:5], fold=1)  # more rows after reading: buffered again, added when read
+    assert torch.equal(deferred.tensors()[0], per_batch.count + 5)
+    torch.testing.assert_close(deferred.gram, per_batch.gram + batches[0][:5].double().T @ batches[0][:5].double(),
+                               rtol=1e-6, atol=1e-3)
