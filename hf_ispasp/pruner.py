@@ -257,7 +257,8 @@ class ISpaSPPruner:
         stats_dtype = getattr(torch, config.stats_dtype)
         generator = torch.Generator().manual_seed(config.seed)
         selection_seconds = 0.0
-        resumable = True
+        resumable = skipping = True
+        skip_checked = False
         bar = tqdm(total=num_blocks, desc="i-SpaSP", unit="block", disable=not config.show_progress)
         try:
             for index in range(num_layers):
@@ -273,14 +274,25 @@ class ISpaSPPruner:
                 swapped[index] = layer
                 blocks = adapter.blocks(index)
                 last_layer = index + 1 == num_layers
-                resume = None if last_layer or not resumable else adapter.resume(index)
-                if resume is not None and index == 0 and not _resume_matches(layer, adapter, resume, cache,
-                                                                             layer_device):
-                    resumable, resume = False, None
+                point = adapter.resume(index) if resumable else None
+                if point is not None and index == 0 and not _resume_matches(layer, adapter, point, cache,
+                                                                            layer_device):
+                    resumable, point = False, None
+                resume = None if last_layer else point
+                # two blocks (attention, then FFN): the FFN's pass starts at the attention's down (Resume.skip)
+                skippable = skipping and point is not None and point.skip is not None and len(blocks) == 2
                 for position, block in enumerate(blocks):
                     is_last = position + 1 == len(blocks)
+                    skip = None
+                    if skippable and position == 1:
+                        skip = _skip_from(adapter, index, blocks[0], report.blocks[-1], point)
+                        if skip is not None and not skip_checked:
+                            skip_checked = True
+                            if not _skip_matches(layer, adapter, skip, cache, layer_device):
+                                skipping, skip = False, None
                     stats = collect_block_statistics(layer, adapter, block, cache, layer_device, stats_dtype,
-                                                     resume=resume if is_last else None)
+                                                     resume=resume if is_last else None,
+                                                     capture=skippable and position == 0, skip=skip)
                     self._reduce(stats)
                     t_sel = time.perf_counter()
                     report.blocks.append(self._prune_block(adapter, block, stats, generator))
@@ -625,6 +637,52 @@ def _resume_matches(
     logger.warning(
         "i-SpaSP: %s.resume() does not reproduce the layer's output on the first calibration batch; every layer "
         "is run whole for propagation instead (correct, but slower).", type(adapter).__name__,
+    )
+    return False
+
+
+def _skip_from(
+    adapter: ModelAdapter, index: int, first: PrunableBlock, pruned: BlockReport, point: Resume
+) -> tuple[Resume, torch.Tensor] | None:
+    """``(point, columns)`` for starting a layer's last block at its first block's ``down``: the columns of the
+    captured ``down`` input that the compacted first block still reads, or ``None`` when they do not match its
+    width (e.g. an adapter whose compaction is not the kept groups' columns)."""
+    columns = group_columns(torch.tensor(pruned.kept, dtype=torch.long), first.group_size)
+    current = next((b for b in adapter.blocks(index) if b.name == first.name), None)
+    if current is None or int(adapter.output_weight(current).shape[1]) != len(columns):
+        return None
+    return point, columns
+
+
+def _skip_matches(
+    layer: nn.Module, adapter: ModelAdapter, skip: tuple[Resume, torch.Tensor], cache: ActivationCache,
+    device: torch.device,
+) -> bool:
+    """Check once (first batch, first layer that skips) that ``Resume.skip`` gives what the layer feeds ``entry``.
+
+    As with :func:`_resume_matches`, a mismatch falls back to running every layer from its start.
+    """
+    point, columns = skip
+    entry = cache[0]
+    start = entry.get("skip_input")
+    captured: list[torch.Tensor] = []
+    handle = point.entry.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
+        layer(*args, **kwargs)
+    finally:
+        handle.remove()
+    if start is not None and len(captured) == 1 and isinstance(captured[0], torch.Tensor):
+        skipped = point.skip(start.to(device).index_select(-1, columns.to(device)),
+                             adapter.layer_hidden_states(args, kwargs))
+        full = captured[0]
+        tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 2e-2
+        if skipped.shape == full.shape and torch.allclose(skipped, full, rtol=tolerance, atol=tolerance):
+            return True
+    logger.warning(
+        "i-SpaSP: %s.resume().skip does not reproduce the input of the layer's last block on the first calibration "
+        "batch; every layer runs from its start for its last block instead (correct, but slower).",
+        type(adapter).__name__,
     )
     return False
 

@@ -427,6 +427,8 @@ def collect_block_statistics(
     progress: Any = None,
     resume: Resume | None = None,
     accumulate: torch.dtype | None = None,
+    capture: bool = False,
+    skip: tuple[Resume, torch.Tensor] | None = None,
 ) -> BlockStatistics:
     """One pass of ``layer`` over the cached inputs, stopping at ``block.down``: accumulate ``n, sum H, H^T H``.
 
@@ -438,6 +440,11 @@ def collect_block_statistics(
     ``resume`` (the layer's last block only): the input of ``resume.entry``, seen on the way to ``down``, replaces
     the layer input in the cache, so :func:`propagate` finishes the layer from there with ``resume.tail`` instead
     of running it whole a second time.
+
+    ``capture`` (a layer's first block): the input of ``down`` is kept in each cache entry (``"skip_input"``);
+    ``skip = (point, columns)`` (the layer's last block): entries holding it start from there, as
+    ``point.tail(point.skip(input[..., columns], x))``, instead of running the layer from its start (see
+    :class:`~hf_ispasp.adapters.base.Resume`).
     """
     down = adapter.current_down(block)
     width = down.weight.shape[1] if isinstance(down, nn.Linear) else None
@@ -452,6 +459,8 @@ def collect_block_statistics(
 
     def hook(module: nn.Module, args: tuple) -> None:
         hidden, mask, folds, plan = args[0], state["mask"], state["folds"], state["plan"]
+        if capture:
+            state["captured"] = hidden.detach()
         if folds is None or plan is None or hidden.dim() == 0 or hidden.shape[0] != folds.shape[0]:
             add(adapter.hidden_rows(block, hidden, mask), None)
             raise _StopForward
@@ -477,10 +486,20 @@ def collect_block_statistics(
             state["mask"], state["folds"], state["entries"] = entry["mask"], entry.get("folds"), []
             state["plan"] = entry.get("plan")
             state["mask"] = state["mask"].to(device) if state["mask"] is not None else None
+            start = entry.pop("skip_input", None)  # a captured input is used once, or dropped
+            args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
             try:
-                layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device))
+                if skip is not None and start is not None:
+                    point, columns = skip
+                    x = adapter.layer_hidden_states(args, kwargs)
+                    point.tail(point.skip(start.to(device).index_select(-1, columns.to(device)), x))
+                else:
+                    layer(*args, **kwargs)
             except _StopForward:
                 pass
+            if capture and "captured" in state:
+                entry["skip_input"] = state.pop("captured")
+                cache[index] = entry
             captured = state["entries"]
             # Resume only from exactly one call with a tensor (a chunked feed-forward calls its entry per chunk).
             if resume is not None and len(captured) == 1 and isinstance(captured[0], torch.Tensor):

@@ -4,6 +4,7 @@ memory (no whole-model copy, in-place pruning, failures restore the caller's lay
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 
@@ -155,6 +156,66 @@ def test_resume_equals_running_layers_whole(key, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _without_skip(adapter_cls):
+    resume = adapter_cls.resume
+
+    def plain(self, layer):
+        point = resume(self, layer)
+        return None if point is None else dataclasses.replace(point, skip=None)
+
+    return plain
+
+
+# every adapter whose layers are an attention block then an FFN block declares Resume.skip
+SKIPPING = [k for k in sorted(tiny_factories()) if k not in ("ConvNeXt", "EfficientNet", "MobileNetV3", "ResNet")]
+
+
+@pytest.mark.parametrize("key", SKIPPING)
+def test_skip_equals_running_the_attention_again(key, monkeypatch, caplog):
+    """Starting the FFN's statistics pass at the attention's output projection (Resume.skip, from the input it
+    had in the attention's pass) prunes to the model that running the whole layer again gives."""
+    model = tiny_factories()[key]()
+    data = _calibration(key, model)
+    adapter_cls = type(adapter_for(model))
+    point = adapter_for(model).resume(0)
+    assert point is not None and point.skip is not None, "this adapter should declare Resume.skip"
+    resume, skipped = adapter_cls.resume, []
+
+    def counted(self, layer):
+        point = resume(self, layer)
+        return dataclasses.replace(point, skip=lambda z, x: skipped.append(layer) or point.skip(z, x))
+
+    monkeypatch.setattr(adapter_cls, "resume", counted)
+    with caplog.at_level(logging.WARNING, logger="hf_ispasp.pruner"):
+        fast, fast_pruner = _prune(model, data)
+    assert "does not reproduce" not in caplog.text
+    layers = len(adapter_for(model).layers())
+    assert sorted(set(skipped)) == list(range(layers))  # every layer's FFN pass started at the attention's output
+    monkeypatch.setattr(adapter_cls, "resume", _without_skip(adapter_cls))
+    slow, slow_pruner = _prune(model, data)
+    assert _kept(fast_pruner) == _kept(slow_pruner)
+    for a, b in zip(fast.state_dict().values(), slow.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_skip_falls_back(monkeypatch, caplog):
+    model = tiny_text_model("bert")
+    data = token_batches()
+    _, reference = _prune(model, data)
+    adapter_cls = type(adapter_for(model))
+    good = adapter_cls.resume
+
+    def broken(self, layer):
+        point = good(self, layer)
+        return dataclasses.replace(point, skip=lambda z, x: point.skip(z, x) * 2)
+
+    monkeypatch.setattr(adapter_cls, "resume", broken)
+    with caplog.at_level(logging.WARNING, logger="hf_ispasp.pruner"):
+        _, pruner = _prune(model, data)
+    assert "does not reproduce the input of the layer's last block" in caplog.text
+    assert _kept(pruner) == _kept(reference)
+
+
 def test_resume_counts_layer_runs(monkeypatch):
     """Each layer runs at most twice per calibration batch (its statistics passes), the tail once more."""
     model = tiny_text_model("bert")
@@ -168,12 +229,23 @@ def test_resume_counts_layer_runs(monkeypatch):
         calls["layer"] = calls.get("layer", 0) + 1
         return forward(self, *args, **kwargs)
 
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    attention = BertSelfAttention.forward
+
+    def counted_attention(self, *args, **kwargs):
+        calls["attention"] = calls.get("attention", 0) + 1
+        return attention(self, *args, **kwargs)
+
     monkeypatch.setattr(BertLayer, "forward", counted)
+    monkeypatch.setattr(BertSelfAttention, "forward", counted_attention)
     _prune(model, data)
     batches, layers = len(data), 2
-    # statistics: 2 blocks per layer; + the one-batch check of the tail on layer 0; no full re-run to propagate;
+    # statistics: the attention's pass runs the layer, the FFN's starts at the attention's output projection
+    # (Resume.skip); + the one-batch checks of the tail and of the skip on layer 0; no full re-run to propagate;
     # + one forward of the dense and of the pruned model to count FLOPs
-    assert calls["layer"] == 2 * batches * layers + 1 + 2 * layers
+    assert calls["layer"] == batches * layers + 2 + 2 * layers
+    assert calls["attention"] == calls["layer"]  # the attention runs once per layer run, never on its own
 
 
 def test_wrong_resume_tail_falls_back(monkeypatch, caplog):

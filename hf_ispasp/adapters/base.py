@@ -59,10 +59,17 @@ class Resume:
     states, with the layer's current (possibly compacted) modules, e.g. for BERT
     ``tail(x) = layer.output(layer.intermediate(x), x)``. The engine caches ``x`` during the last block's
     statistics pass and propagates with ``tail``: each layer then runs at most twice per batch.
+
+    ``skip(z, x)`` (optional, layers of two blocks): the input of ``entry`` from ``z``, the input of the first
+    block's ``down`` restricted to the columns that block kept, and ``x``, the layer's input hidden states, with
+    the compacted modules; for BERT ``skip(z, x) = layer.attention.output(z, x)``. The engine then caches ``z``
+    during the first block's statistics pass and starts the last block's at its ``down`` instead of running the
+    first block again (the attention's projections and scores, a quarter to a third of an encoder layer).
     """
 
     entry: nn.Module
     tail: Callable[[torch.Tensor], torch.Tensor]
+    skip: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 logger = logging.getLogger(__name__)

@@ -223,7 +223,7 @@ class DecoderAdapter(SpecAdapter):
             return None
         norm, mlp = get_module(module, lay.ffn_norm), get_module(module, lay.mlp)
         dropout = get_module(module, lay.mlp_dropout) if lay.mlp_dropout else nn.Identity()
-        return Resume(norm, lambda x: x + dropout(mlp(norm(x))))
+        return Resume(norm, lambda x: x + dropout(mlp(norm(x))), skip=lambda z, x: x + get_module(module, lay.out)(z))
 
     def example_inputs(self, batch_size: int = 1, seq_len: int = 128) -> dict[str, torch.Tensor]:
         inputs = super().example_inputs(batch_size, seq_len)

@@ -93,7 +93,8 @@ class BertLikeAdapter(TransformerEncoderAdapter):
         module = self.layers()[layer]
         if getattr(module, "chunk_size_feed_forward", 0):  # the feed-forward runs per chunk: no single entry
             return None
-        return Resume(module.intermediate, lambda x: module.output(module.intermediate(x), x))
+        return Resume(module.intermediate, lambda x: module.output(module.intermediate(x), x),
+                      skip=lambda z, x: module.attention.output(z, x))
 
 
 @register_adapter("distilbert")
@@ -113,4 +114,5 @@ class DistilBertAdapter(TransformerEncoderAdapter):
 
     def resume(self, layer: int) -> Resume | None:
         module = self.layers()[layer]
-        return Resume(module.ffn, lambda x: module.output_layer_norm(module.ffn(x) + x))
+        return Resume(module.ffn, lambda x: module.output_layer_norm(module.ffn(x) + x),
+                      skip=lambda z, x: module.sa_layer_norm(module.attention.out_lin(z) + x))

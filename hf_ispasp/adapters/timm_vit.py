@@ -59,7 +59,8 @@ class TimmViTAdapter(TimmImageMixin, SpecAdapter):
 
     def resume(self, layer: int) -> Resume | None:
         block = self.layers()[layer]
-        return Resume(block.norm2, lambda x: x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
+        return Resume(block.norm2, lambda x: x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))),
+                      skip=lambda z, x: x + block.drop_path1(block.ls1(block.attn.proj_drop(block.attn.proj(z)))))
 
     def input_size(self) -> tuple[int, int, int]:
         embed = self.model.patch_embed

@@ -14,7 +14,7 @@ import torch
 
 from .base import Resume, register_adapter
 from .encoders import EncoderLayout, TransformerEncoderAdapter
-from .groups import Attr
+from .groups import Attr, get_module
 
 __all__ = ["ViTAdapter"]
 
@@ -37,7 +37,8 @@ class ViTAdapter(TransformerEncoderAdapter):
 
     def resume(self, layer: int) -> Resume | None:
         module = self.layers()[layer]
-        return Resume(module.layernorm_after, lambda x: x + module.dropout(module.mlp(module.layernorm_after(x))))
+        return Resume(module.layernorm_after, lambda x: x + module.dropout(module.mlp(module.layernorm_after(x))),
+                      skip=lambda z, x: x + module.dropout(get_module(module, self.layout.attn_out)(z)))
 
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[tuple, dict[str, Any], torch.Tensor | None]:
         from .inputs import image_tensor
