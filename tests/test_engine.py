@@ -198,47 +198,21 @@ def test_skip_equals_running_the_attention_again(key, monkeypatch, caplog):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_wrong_skip_falls_back(monkeypatch, caplog):
-    model = tiny_text_model("bert")
-    data = token_batches()
-    _, reference = _prune(model, data)
-    adapter_cls = type(adapter_for(model))
-    good = adapter_cls.resume
-
-    def broken(self, layer):
-        point = good(self, layer)
-        return dataclasses.replace(point, skip=lambda z, x: point.skip(z, x) * 2)
-
-    monkeypatch.setattr(adapter_cls, "resume", broken)
-    with caplog.at_level(logging.WARNING, logger="hf_ispasp.pruner"):
-        _, pruner = _prune(model, data)
-    assert "does not reproduce the input of the layer's last block" in caplog.text
-    assert _kept(pruner) == _kept(reference)
-
-
 def test_resume_counts_layer_runs(monkeypatch):
     """Each layer runs at most twice per calibration batch (its statistics passes), the tail once more."""
     model = tiny_text_model("bert")
     data = token_batches(num=16, batch_size=8)
     calls: dict[str, int] = {}
-    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
 
-    forward = BertLayer.forward
+    def counting(name, forward):
+        def counted(self, *args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return forward(self, *args, **kwargs)
+        return counted
 
-    def counted(self, *args, **kwargs):
-        calls["layer"] = calls.get("layer", 0) + 1
-        return forward(self, *args, **kwargs)
-
-    from transformers.models.bert.modeling_bert import BertSelfAttention
-
-    attention = BertSelfAttention.forward
-
-    def counted_attention(self, *args, **kwargs):
-        calls["attention"] = calls.get("attention", 0) + 1
-        return attention(self, *args, **kwargs)
-
-    monkeypatch.setattr(BertLayer, "forward", counted)
-    monkeypatch.setattr(BertSelfAttention, "forward", counted_attention)
+    monkeypatch.setattr(BertLayer, "forward", counting("layer", BertLayer.forward))
+    monkeypatch.setattr(BertSelfAttention, "forward", counting("attention", BertSelfAttention.forward))
     _prune(model, data)
     batches, layers = len(data), 2
     # statistics: the attention's pass runs the layer, the FFN's starts at the attention's output projection
@@ -248,7 +222,12 @@ def test_resume_counts_layer_runs(monkeypatch):
     assert calls["attention"] == calls["layer"]  # the attention runs once per layer run, never on its own
 
 
-def test_wrong_resume_tail_falls_back(monkeypatch, caplog):
+@pytest.mark.parametrize("part, message", [
+    ("tail", "does not reproduce the layer's output"),
+    ("skip", "does not reproduce the input of the layer's last block"),
+])
+def test_wrong_resume_falls_back(part, message, monkeypatch, caplog):
+    """A resume tail or skip that does not match the layer is caught on the first batch: a warning, the same prune."""
     model = tiny_text_model("bert")
     data = token_batches()
     _, reference = _prune(model, data)
@@ -257,12 +236,13 @@ def test_wrong_resume_tail_falls_back(monkeypatch, caplog):
 
     def broken(self, layer):
         point = good(self, layer)
-        return type(point)(point.entry, lambda x: point.tail(x) * 2)
+        wrong = getattr(point, part)
+        return dataclasses.replace(point, **{part: lambda *args: wrong(*args) * 2})
 
     monkeypatch.setattr(adapter_cls, "resume", broken)
     with caplog.at_level(logging.WARNING, logger="hf_ispasp.pruner"):
         _, pruner = _prune(model, data)
-    assert "does not reproduce the layer's output" in caplog.text
+    assert message in caplog.text
     assert _kept(pruner) == _kept(reference)
 
 
