@@ -281,9 +281,11 @@ def test_spd_inverse_and_its_fallback():
 
     a = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     spd = a @ a.T + 0.1 * torch.eye(40, dtype=torch.float64)
-    torch.testing.assert_close(_spd_inverse(spd) @ spd, torch.eye(40, dtype=torch.float64))
+    held = [spd.clone()]
+    torch.testing.assert_close(_spd_inverse(held) @ spd, torch.eye(40, dtype=torch.float64))
+    assert held == []  # the matrix is released once factorised: it, its factor and its inverse never coexist
     indefinite = spd - 5 * torch.eye(40, dtype=torch.float64) * float(torch.linalg.eigvalsh(spd).max())
-    torch.testing.assert_close(_spd_inverse(indefinite), torch.linalg.inv(indefinite))
+    torch.testing.assert_close(_spd_inverse([indefinite]), torch.linalg.inv(indefinite))
 
 
 def test_a_given_weight_gram_changes_nothing():
