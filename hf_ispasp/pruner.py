@@ -49,6 +49,7 @@ from .statistics import (
     capture_layer_inputs,
     collect_block_statistics,
     propagate,
+    skip_entry_input,
     to_device,
 )
 from .version import __version__
@@ -614,6 +615,27 @@ def _module_paths(model: nn.Module, layers: list[nn.Module]) -> list[str]:
     return [names[id(layer)] for layer in layers]
 
 
+def _run_capturing(
+    layer: nn.Module, point: Resume, entry: dict[str, Any], device: torch.device
+) -> tuple[tuple, dict[str, Any], Any, torch.Tensor | None]:
+    """Run ``layer`` whole on a cached entry: its args, kwargs and output, and the input ``point.entry`` saw (``None``
+    unless it saw exactly one tensor)."""
+    captured: list[torch.Tensor] = []
+    handle = point.entry.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
+        output = layer(*args, **kwargs)
+    finally:
+        handle.remove()
+    seen = captured[0] if len(captured) == 1 and isinstance(captured[0], torch.Tensor) else None
+    return args, kwargs, output, seen
+
+
+def _close(candidate: torch.Tensor, reference: torch.Tensor) -> bool:
+    tolerance = 1e-4 if reference.dtype in (torch.float32, torch.float64) else 2e-2
+    return candidate.shape == reference.shape and torch.allclose(candidate, reference, rtol=tolerance, atol=tolerance)
+
+
 def _resume_matches(
     layer: nn.Module, adapter: ModelAdapter, resume: Resume, cache: ActivationCache, device: torch.device
 ) -> bool:
@@ -622,18 +644,9 @@ def _resume_matches(
     A wrong tail would silently corrupt every later layer's calibration; a mismatch (e.g. a custom adapter, or a
     model whose layer forward differs from what the adapter assumes) falls back to running each layer whole.
     """
-    entry = cache[0]
-    captured: list[torch.Tensor] = []
-    handle = resume.entry.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        full = adapter.layer_output(layer(*to_device(entry["args"], device), **to_device(entry["kwargs"], device)))
-    finally:
-        handle.remove()
-    if len(captured) == 1 and isinstance(captured[0], torch.Tensor):
-        resumed = resume.tail(captured[0])
-        tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 2e-2
-        if resumed.shape == full.shape and torch.allclose(resumed, full, rtol=tolerance, atol=tolerance):
-            return True
+    _, _, output, seen = _run_capturing(layer, resume, cache[0], device)
+    if seen is not None and _close(resume.tail(seen), adapter.layer_output(output)):
+        return True
     logger.warning(
         "i-SpaSP: %s.resume() does not reproduce the layer's output on the first calibration batch; every layer "
         "is run whole for propagation instead (correct, but slower).", type(adapter).__name__,
@@ -662,23 +675,12 @@ def _skip_matches(
 
     As with :func:`_resume_matches`, a mismatch falls back to running every layer from its start.
     """
-    point, columns = skip
     entry = cache[0]
     start = entry.get("skip_input")
-    captured: list[torch.Tensor] = []
-    handle = point.entry.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
-        layer(*args, **kwargs)
-    finally:
-        handle.remove()
-    if start is not None and len(captured) == 1 and isinstance(captured[0], torch.Tensor):
-        skipped = point.skip(start.to(device).index_select(-1, columns.to(device)),
-                             adapter.layer_hidden_states(args, kwargs))
-        full = captured[0]
-        tolerance = 1e-4 if full.dtype in (torch.float32, torch.float64) else 2e-2
-        if skipped.shape == full.shape and torch.allclose(skipped, full, rtol=tolerance, atol=tolerance):
-            return True
+    args, kwargs, _, seen = _run_capturing(layer, skip[0], entry, device)
+    if seen is not None and start is not None and _close(
+            skip_entry_input(adapter, (skip[0], skip[1].to(device)), start, args, kwargs, device), seen):
+        return True
     logger.warning(
         "i-SpaSP: %s.resume().skip does not reproduce the input of the layer's last block on the first calibration "
         "batch; every layer runs from its start for its last block instead (correct, but slower).",

@@ -417,6 +417,16 @@ def _fold_plan(folds: torch.Tensor, mask: torch.Tensor | None) -> list[_FoldRows
 DEFERRED_ROWS = 2048
 
 
+def skip_entry_input(
+    adapter: ModelAdapter, skip: tuple[Resume, torch.Tensor], start: torch.Tensor, args: tuple,
+    kwargs: dict[str, Any], device: torch.device,
+) -> torch.Tensor:
+    """The input of ``point.entry`` from ``start``, the captured input of the first block's ``down``, and the
+    layer's input hidden states (``skip = (point, columns)``, see :class:`~hf_ispasp.adapters.base.Resume`)."""
+    point, columns = skip
+    return point.skip(start.to(device).index_select(-1, columns), adapter.layer_hidden_states(args, kwargs))
+
+
 def collect_block_statistics(
     layer: nn.Module,
     adapter: ModelAdapter,
@@ -449,6 +459,8 @@ def collect_block_statistics(
     down = adapter.current_down(block)
     width = down.weight.shape[1] if isinstance(down, nn.Linear) else None
     accumulate = accumulation_dtype(device) if accumulate is None else accumulate
+    if skip is not None:
+        skip = (skip[0], skip[1].to(device))  # once, not per batch
     state: dict[str, Any] = {}
 
     def add(rows: torch.Tensor, fold: int | None) -> None:
@@ -490,9 +502,7 @@ def collect_block_statistics(
             args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
             try:
                 if skip is not None and start is not None:
-                    point, columns = skip
-                    x = adapter.layer_hidden_states(args, kwargs)
-                    point.tail(point.skip(start.to(device).index_select(-1, columns.to(device)), x))
+                    skip[0].tail(skip_entry_input(adapter, skip, start, args, kwargs, device))
                 else:
                     layer(*args, **kwargs)
             except _StopForward:
