@@ -589,8 +589,10 @@ class _Problem:
 
         Removing group ``j`` from a support with inverse covariance ``P`` and re-fitted coefficients ``Z = P Q``
         (``Q`` = cross-covariance with the dense output) costs ``tr(Z_j^T P_jj^{-1} Z_j)`` (the structured
-        Optimal Brain Surgeon step); ``P`` and ``Z`` are then downdated in closed form. Groups leave in chunks so
-        the work is matrix-matrix. Returns the support and its residual after re-fit (summed over tokens).
+        Optimal Brain Surgeon step); ``P`` and ``Z`` are then downdated in closed form, and the residual grows by
+        the chunk's joint cost ``tr(Z_D^T P_DD^-1 Z_D)`` (no cross-covariance is carried along). Groups leave in
+        chunks so the work is matrix-matrix. Returns the support and its residual after re-fit (summed over
+        tokens).
 
         ``anchored``: the ridge pulls the re-fit towards the original columns ``W_S`` (see
         :func:`refit_projection`). That is ordinary least squares on an augmented design (``sqrt(ridge) I`` rows
@@ -608,29 +610,38 @@ class _Problem:
         cols = group_columns(support, g)
         ridge = _ridge(cov, cols, damping, anchored)
         everything = len(cols) == cov.shape[0]  # cols is sorted: the whole block, no gathers needed
-        cross = (cov if everything else cov[cols]) @ self.weight.T  # Q: (m g) x d
-        if self._weight_gram is not None:  # tr(W C W^T) = <C, W^T W>: width^2 work instead of width^2 d
-            total = float(torch.dot(cov.reshape(-1), self._weight_gram.to(cov).reshape(-1)))
+        column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
+        if everything and anchored:
+            # The whole block re-fits to W itself: Z = (C + ridge I)^-1 (C W^T + ridge W^T) = W^T, and the ridge
+            # objective is 0; neither the cross-covariance nor tr(W C W^T) is needed.
+            coef = self.weight.T.to(cov).clone(memory_format=torch.contiguous_format)
+            augmented = torch.zeros((), dtype=cov.dtype, device=cov.device)
         else:
-            total = float((self.weight @ cov * self.weight).sum())
+            cross = (cov if everything else cov[cols]) @ self.weight.T  # Q: (m g) x d
+            if self._weight_gram is not None:  # tr(W C W^T) = <C, W^T W>: width^2 work instead of width^2 d
+                total = float(torch.dot(cov.reshape(-1), self._weight_gram.to(cov).reshape(-1)))
+            else:
+                total = float((self.weight @ cov * self.weight).sum())
+            if anchored:
+                cross = cross + ridge * self.weight[:, cols].T
+                total += ridge * float(column_sq.sum())
         system = cov if everything else _submatrix(cov, cols, cols)
         del cov  # what follows needs only the kept block: at most two width^2 matrices live at once
         system.diagonal().add_(ridge)  # C_SS + ridge I, in place
         held = [system]
         del system
         inv = _spd_inverse(held)
-        column_sq = self.weight.pow(2).sum(0)  # ||W_c||^2 per column
-        if anchored:
-            cross = cross + ridge * self.weight[:, cols].T
-        coef = inv @ cross  # Z
+        if not (everything and anchored):
+            coef = inv @ cross  # Z
+            augmented = total - (cross * coef).sum()  # the (augmented) objective at the merged support (on device)
+            del cross
         kept = support
 
         def objective() -> float:
-            explained = float((cross * coef).sum())
             if not anchored:
-                return max(total - explained, 0.0) * n
+                return max(float(augmented), 0.0) * n
             dropped = float(column_sq.sum() - column_sq[group_columns(kept, g)].sum())
-            return max(total + ridge * float(column_sq.sum()) - explained - ridge * dropped, 0.0) * n
+            return max(float(augmented) - ridge * dropped, 0.0) * n
 
         if path is not None:
             path.append((len(kept), objective()))
@@ -657,12 +668,14 @@ class _Problem:
                 drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
             idx, rest = group_columns(drop, g), group_columns(stay, g)
             p_rj = _submatrix(inv, rest, idx)
-            solved = torch.linalg.solve(_submatrix(inv, idx, idx), torch.cat([p_rj.T, coef[idx]], 1))
+            leaving_coef = coef[idx]
+            solved = torch.linalg.solve(_submatrix(inv, idx, idx), torch.cat([p_rj.T, leaving_coef], 1))
+            # The objective grows by exactly tr(Z_D^T P_DD^-1 Z_D) (the joint OBS cost of the chunk).
+            augmented = augmented + (leaving_coef * solved[:, len(rest) :]).sum()  # no host read per chunk
             # Schur downdate onto the groups that stay (the matrices shrink as groups leave), in one gather
             # and one fused multiply-subtract.
             inv = _submatrix(inv, rest, rest).addmm_(p_rj, solved[:, : len(rest)], alpha=-1)
             coef = coef[rest] - p_rj @ solved[:, len(rest) :]
-            cross = cross[rest]
             kept = kept[stay]
             if path is not None:
                 path.append((len(kept), objective()))
