@@ -283,3 +283,20 @@ def test_gradual_pruning(tmp_path: Path) -> None:
     assert gradual["params_after_each"] == sorted(gradual["params_after_each"], reverse=True)
     assert gradual["seconds"] > gradual["prune_seconds"] > 0
     assert "| gradual (3 prunes) |" in (tmp_path / "gradual_pruning.md").read_text()
+
+
+@pytest.mark.slow  # two engine_shapes runs in subprocesses: about 30 s on a shared 2-core machine
+def test_gpu_check_script_plumbing(tmp_path: Path) -> None:
+    """The prepared device check runs end to end (its --tiny CPU mode: same steps, tiny shapes) and writes the
+    fragments it names."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--tiny"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, shape in (("engine_shapes_check_tiny", "tiny"), ("engine_shapes_check_tiny_llama", "tiny-llama")):
+        (record,) = json.loads((tmp_path / f"{name}.json").read_text())["records"]
+        assert record["shape"] == shape and record["pruned_mb"] < record["model_mb"]
+        assert (tmp_path / f"{name}.md").read_text().startswith("## ")
