@@ -248,20 +248,37 @@ class BlockStatistics:
         self.finish()
         return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
 
-    def halves(self) -> tuple[BlockStatistics, BlockStatistics] | None:
+    def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
 
-        Fold 0 shares this object's fold sums (no copy of a width^2 matrix; read it, do not add to it).
+        Fold 0 shares this object's fold sums (no copy of a width^2 matrix; read it, do not add to it). With a
+        ``dtype`` other than the sums', both halves are built in it (see :meth:`_cast_halves`).
         """
         self.finish()
         if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
             return None
+        if dtype is not None and dtype != self.dtype:
+            return self._cast_halves(dtype)
         first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram, _read_only=True)
         second = BlockStatistics(
             self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram,
             _read_only=True,
         )
         return first, second
+
+    def _cast_halves(self, dtype: torch.dtype) -> tuple[BlockStatistics, BlockStatistics]:
+        """Both halves in ``dtype`` (a lower-precision validation), without a ``dtype`` copy of the whole sums: the
+        values of ``halves()`` of ``to(dtype=dtype)`` bit for bit (each sum cast, then the difference taken in
+        ``dtype``), one width^2 matrix of ``dtype`` per half and no other."""
+        second = torch.empty(self.gram.shape, dtype=dtype, device=self.gram.device)
+        for start in range(0, self.width, _ROWS):
+            rows = slice(start, start + _ROWS)
+            torch.sub(self.gram[rows].to(dtype), self.fold_gram[rows].to(dtype), out=second[rows])
+        count, fold_count = self.count.to(dtype), self.fold_count.to(dtype)
+        fold_total = self.fold_total.to(dtype)
+        first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True)
+        return first, BlockStatistics(self.width, count - fold_count, self.total.to(dtype) - fold_total, second,
+                                      _read_only=True)
 
 
 WELL_POSED_ROWS_PER_COLUMN = 2.0  # selection_dtype="auto": float32 validation from this many rows per column
@@ -439,11 +456,16 @@ class _Problem:
         self.num_groups = stats.width // group_size
         self._host: tuple[np.ndarray, np.ndarray] | None = None
 
+    @property
+    def weight_gram(self) -> torch.Tensor:
+        """``W^T W``: the caller's, or formed where it is used (not kept: a width^2 matrix)."""
+        return _gram(self.weight) if self._weight_gram is None else self._weight_gram
+
     @functools.cached_property
     def energy(self) -> torch.Tensor:
         """``E = G * W^T W`` (elementwise), formed on first use: the re-fit threshold needs it only at the end,
         after its own width^2 matrices are gone."""
-        return self.gram * (_gram(self.weight) if self._weight_gram is None else self._weight_gram)
+        return self.gram * self.weight_gram
 
     @functools.cached_property
     def full_energy(self) -> float:
@@ -618,10 +640,8 @@ class _Problem:
             augmented = torch.zeros((), dtype=cov.dtype, device=cov.device)
         else:
             cross = (cov if everything else cov[cols]) @ self.weight.T  # Q: (m g) x d
-            if self._weight_gram is not None:  # tr(W C W^T) = <C, W^T W>: width^2 work instead of width^2 d
-                total = float(torch.dot(cov.reshape(-1), self._weight_gram.to(cov).reshape(-1)))
-            else:
-                total = float((self.weight @ cov * self.weight).sum())
+            # tr(W C W^T) = <C, W^T W>
+            total = float(torch.dot(cov.reshape(-1), self.weight_gram.to(cov).reshape(-1)))
             if anchored:
                 cross = cross + ridge * self.weight[:, cols].T
                 total += ridge * float(column_sq.sum())
@@ -1019,6 +1039,7 @@ def validate_refit(
     group_size: int,
     ridges: tuple[float, ...] = REFIT_RIDGES,
     weight_gram: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> RefitChoice:
     """Choose the re-fit ridge by 2-fold cross-validation on the two halves of the calibration statistics.
 
@@ -1028,16 +1049,20 @@ def validate_refit(
     tokens than columns) make the plain least-squares re-fit interpolate the calibration tokens: its training
     residual is then ~0 while held-out outputs are destroyed; this is the guard. Each fold costs one
     eigendecomposition of the kept covariance; every further ridge costs O(k^2).
+
+    ``dtype``: the precision of the validation (default: the statistics'), with the values of a validation of
+    ``stats.to(dtype=dtype)`` but without that copy of the sums (``weight_gram``, if given, is in ``dtype``).
     """
+    dtype = stats.dtype if dtype is None else dtype
     cols = group_columns(groups, group_size)
-    w = _matching(weight, stats)
+    w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     dropped = torch.ones(stats.width, dtype=torch.bool, device=w.device)
     dropped[cols] = False
     # No re-fit fits nothing: its held-out residual is sum_b ||W_D H_{b,D}||^2 on all the data.
     rest = torch.nonzero(dropped).flatten()
-    plain = max(float((_submatrix(stats.gram, rest, rest) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
-    halves = stats.halves()
+    plain = max(float((_submatrix(stats.gram, rest, rest).to(dtype) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
+    halves = stats.halves(dtype)
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
     n = float(stats.count)
@@ -1066,7 +1091,7 @@ def validated_selection(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
-    select: Callable[[str, float | None, bool, torch.Tensor], SelectionResult],
+    select: Callable[[str, float | None, bool, torch.Tensor | None], SelectionResult],
     *,
     threshold: str,
     refit_threshold: bool,
@@ -1096,15 +1121,21 @@ def validated_selection(
     dtype = stats.dtype if validation_dtype is None else validation_dtype
 
     def validate(groups: torch.Tensor) -> RefitChoice:
-        # a lower-precision copy lives for one validation only: the selection in between never holds it
-        return validate_refit(stats.to(dtype=dtype), weight, bias, groups, group_size, ridges, gram_w.to(dtype))
+        # the halves are built in the validation's precision for one validation only (no copy of the whole sums)
+        return validate_refit(stats, weight, bias, groups, group_size, ridges, gram_w, dtype)
 
     first = "residual" if refit_threshold else threshold
     result = phase("select_residual", lambda: select(first, None, False, gram_w))
+    selecting_gram_w: torch.Tensor | None = gram_w
+    if dtype != gram_w.dtype:
+        # From here W^T W is held in the validation's precision only: the re-fit threshold forms its own where it
+        # needs one (at the end, after its width^2 matrices are gone), so no width^2 matrix of the selection's
+        # precision outlives a phase.
+        gram_w, selecting_gram_w = gram_w.to(dtype), None
     choice = phase("validate_1", lambda: validate(result.groups))
     if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
         ridge = choice.ridge
-        other = phase("select_refit", lambda: select("refit", ridge, True, gram_w))
+        other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w))
         # the same support validates the same way (the two thresholds agree): skip its two eigendecompositions
         other_choice = choice if torch.equal(other.groups, result.groups) else phase(
             "validate_2", lambda: validate(other.groups))

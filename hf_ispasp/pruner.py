@@ -493,7 +493,8 @@ class ISpaSPPruner:
         0.052 vs 0.097 at 512). Costs two validations and one extra cheap selection per block."""
         config = self.config
 
-        def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor) -> SelectionResult:
+        def select(threshold: str, damping: float | None, anchored: bool,
+                   gram_w: torch.Tensor | None) -> SelectionResult:
             return self._select(adapter, block, stats, generator, keep, weight, bias, threshold, damping, anchored,
                                 gram_w)
 

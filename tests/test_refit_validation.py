@@ -313,3 +313,28 @@ def test_validation_scores_are_the_explicit_held_out_residuals():
                 fitted = refit_projection(fit, w, bias, groups, 1, ridge * 45 / float(fit.count), anchored=True)
                 explicit += residual_after_refit(test, w, bias, groups, 1, *fitted)
             assert score == pytest.approx(explicit, rel=1e-9)
+
+
+def test_a_float32_validation_of_float64_sums_equals_one_of_their_float32_copy():
+    """validate_refit(dtype=float32) builds the halves in float32 without copying the whole sums (the memory the
+    pruner's default validation saves); every score equals that of the float32 copy, bit for bit, and the halves
+    are those of the copy."""
+    gen = torch.Generator().manual_seed(7)
+    width = 600  # over two row chunks of the in-place cast
+    h = torch.randn(1500, 48, generator=gen, dtype=torch.float64) @ torch.randn(48, width, generator=gen,
+                                                                               dtype=torch.float64) + 0.5
+    w = torch.randn(6, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    stats = BlockStatistics(width)
+    for start in range(0, len(h), 100):
+        stats.update(h[start:start + 100], torch.float64, fold=(start // 100) % 2)
+    copy = stats.to(dtype=torch.float32)
+    for ours, theirs in zip(stats.halves(torch.float32), copy.halves(), strict=True):
+        for name in ("count", "total", "gram"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    groups = torch.arange(0, width, 3)
+    gram_w = (w.T @ w).to(torch.float32)
+    for bias in (b, None):
+        ours = validate_refit(stats, w, bias, groups, 1, weight_gram=gram_w, dtype=torch.float32)
+        theirs = validate_refit(copy, w, bias, groups, 1, weight_gram=gram_w)
+        assert ours == theirs
