@@ -194,16 +194,16 @@ def _findings(recs: list[dict[str, Any]]) -> list[str]:
     mem = ", ".join(f"{r['peak_increase_mb']:.0f}" for r in recs)
     return [
         "",
-        f"**Findings.** The extra cost beyond one forward pass is not flat in the number of sequences: it is about "
-        f"{intercept:.1f} s fixed plus {1000 * slope:.1f} ms per sequence, i.e. about {slope / fwd_per_seq:.2f} "
-        f"more forward passes (a dense forward costs {1000 * fwd_per_seq:.1f} ms per sequence here). Selection "
-        f"itself (on the statistics) takes {sel} s, flat in the number of sequences as designed; the part that "
-        "grows is calibration: the attention of every layer runs twice (for its statistics, then pruned while the "
-        "FFN statistics are taken), the FFN once and its pruned tail once (propagation), on sequences regrouped "
-        "by length (little padding), and the Gram matrices are not cheap: H^T H of the 1536-wide FFN hidden layer "
-        "costs 1536^2 / 2 = 1.2M multiply-adds per token on the CPU (the blocks on and below the diagonal), two "
-        "thirds of a whole MiniLM layer's forward (about 1.8M). Peak memory above the loaded model is flat "
-        f"({mem} MB).",
+        f"**Findings.** The cost beyond one forward pass is about {intercept:.1f} s fixed plus {1000 * slope:+.1f} ms "
+        f"per sequence ({slope / fwd_per_seq:+.2f} forward passes per sequence; a dense forward costs "
+        f"{1000 * fwd_per_seq:.1f} ms per sequence here). The fixed part is the selection on the statistics "
+        f"({sel} s, flat in the number of sequences as designed). The part that grows is calibration, which costs "
+        "about one forward pass: every layer's attention and FFN run once for their statistics (the FFN's pass "
+        "starts at the attention's output projection) and the pruned FFN once more (propagation), on sequences "
+        "regrouped by length, which skips the padding the dense forward replays batch by batch; on top come the "
+        "Gram matrices, H^T H of the 1536-wide FFN hidden layer costing 1536^2 / 2 = 1.2M multiply-adds per token "
+        "(the blocks on and below the diagonal), two thirds of a whole MiniLM layer's forward (about 1.8M). Peak "
+        f"memory above the loaded model: {mem} MB (the activation cache grows with the calibration set).",
         "",
     ]
 
