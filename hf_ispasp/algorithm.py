@@ -251,35 +251,23 @@ class BlockStatistics:
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
 
-        Fold 0 shares this object's fold sums (no copy of a width^2 matrix; read it, do not add to it). With a
-        ``dtype`` other than the sums', both halves are built in it (see :meth:`_cast_halves`).
+        In ``dtype`` (default: the sums'), with the values of ``to(dtype=dtype).halves()`` bit for bit (each sum
+        cast, then the difference taken in ``dtype``) but without that copy of the whole sums: fold 1's Gram
+        matrix is formed a block of rows at a time. Fold 0 shares this object's fold sums where no cast is needed
+        (read it, do not add to it).
         """
         self.finish()
         if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
             return None
-        if dtype is not None and dtype != self.dtype:
-            return self._cast_halves(dtype)
-        first = BlockStatistics(self.width, self.fold_count, self.fold_total, self.fold_gram, _read_only=True)
-        second = BlockStatistics(
-            self.width, self.count - self.fold_count, self.total - self.fold_total, self.gram - self.fold_gram,
-            _read_only=True,
-        )
-        return first, second
-
-    def _cast_halves(self, dtype: torch.dtype) -> tuple[BlockStatistics, BlockStatistics]:
-        """Both halves in ``dtype`` (a lower-precision validation), without a ``dtype`` copy of the whole sums: the
-        values of ``halves()`` of ``to(dtype=dtype)`` bit for bit (each sum cast, then the difference taken in
-        ``dtype``), one width^2 matrix of ``dtype`` per half and no other."""
+        dtype = self.dtype if dtype is None else dtype
         second = torch.empty(self.gram.shape, dtype=dtype, device=self.gram.device)
         for start in range(0, self.width, _ROWS):
             rows = slice(start, start + _ROWS)
             torch.sub(self.gram[rows].to(dtype), self.fold_gram[rows].to(dtype), out=second[rows])
-        count, fold_count = self.count.to(dtype), self.fold_count.to(dtype)
-        fold_total = self.fold_total.to(dtype)
+        fold_count, fold_total = self.fold_count.to(dtype), self.fold_total.to(dtype)
         first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True)
-        return first, BlockStatistics(self.width, count - fold_count, self.total.to(dtype) - fold_total, second,
-                                      _read_only=True)
-
+        return first, BlockStatistics(self.width, self.count.to(dtype) - fold_count, self.total.to(dtype) - fold_total,
+                                      second, _read_only=True)
 
 WELL_POSED_ROWS_PER_COLUMN = 2.0  # selection_dtype="auto": float32 validation from this many rows per column
 
