@@ -276,16 +276,22 @@ def test_symmetric_gram_equals_the_full_product(width):
     assert torch.equal(_gram(rows), gram)  # wide enough: the CPU takes the blocked product
 
 
-def test_spd_inverse_and_its_fallback():
+@pytest.mark.parametrize("width", [40, 300, 700])  # one Cholesky leaf; one split; splits within splits
+def test_spd_inverse_and_its_fallback(width):
     from hf_ispasp.algorithm import _spd_inverse
 
-    a = torch.randn(40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    spd = a @ a.T + 0.1 * torch.eye(40, dtype=torch.float64)
+    a = torch.randn(width, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spd = a @ a.T + 0.1 * torch.eye(width, dtype=torch.float64)
     held = [spd.clone()]
-    torch.testing.assert_close(_spd_inverse(held) @ spd, torch.eye(40, dtype=torch.float64))
-    assert held == []  # the matrix is released once factorised: it, its factor and its inverse never coexist
-    indefinite = spd - 5 * torch.eye(40, dtype=torch.float64) * float(torch.linalg.eigvalsh(spd).max())
-    torch.testing.assert_close(_spd_inverse([indefinite]), torch.linalg.inv(indefinite))
+    inverse = _spd_inverse(held, rebuild=lambda: pytest.fail("a positive definite matrix needs no rebuild"))
+    assert held == []  # the caller's only reference is taken: the inverse is formed in its memory
+    assert torch.equal(inverse, inverse.T)
+    torch.testing.assert_close(inverse, torch.cholesky_inverse(torch.linalg.cholesky(spd)), rtol=1e-9, atol=1e-12)
+    indefinite = spd - 5 * torch.eye(width, dtype=torch.float64) * float(torch.linalg.eigvalsh(spd).max())
+    rebuilt = []
+    inverse = _spd_inverse([indefinite.clone()], rebuild=lambda: rebuilt.append(1) or indefinite.clone())
+    assert rebuilt == [1]
+    torch.testing.assert_close(inverse, torch.linalg.inv(indefinite))
 
 
 def test_a_given_weight_gram_changes_nothing():
