@@ -695,13 +695,18 @@ class _Problem:
         if path is not None:
             path.append((len(kept), objective()))
         chunk = max(1, (len(support) - keep) // steps)  # 16 downdates: matrix-matrix work, near-greedy quality
+        # inv and coef keep the merged support's size: rows and columns of the groups that left are stale and never
+        # read again (positions: where the kept groups sit in them), so no downdate gathers a kept x kept copy
+        positions = torch.arange(len(support), device=support.device)
         while len(kept) > keep:
             m = len(kept)
-            zb = coef.reshape(m, g, -1)
+            live = group_columns(positions, g)
+            zb = coef[live].reshape(m, g, -1)
             if g == 1:
-                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv).clamp_min(torch.finfo(inv.dtype).tiny)
+                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv)[live].clamp_min(torch.finfo(inv.dtype).tiny)
             else:
-                pb = torch.diagonal(inv.reshape(m, g, m, g), dim1=0, dim2=2).permute(2, 0, 1)
+                blocks = len(support)
+                pb = torch.diagonal(inv.reshape(blocks, g, blocks, g), dim1=0, dim2=2).permute(2, 0, 1)[positions]
                 cost = (zb * torch.linalg.solve(pb, zb)).sum((1, 2))
             if anchored:  # the augmented objective charges ridge ||W_j||^2 for a dropped group; the true one not
                 cost = cost - ridge * _group_sum(column_sq[group_columns(kept, g)], g)
@@ -715,17 +720,16 @@ class _Problem:
                 drop, stay = order[leaving], torch.sort(order[~leaving]).values
             else:
                 drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
-            idx, rest = group_columns(drop, g), group_columns(stay, g)
-            p_rj = _submatrix(inv, rest, idx)
+            idx = group_columns(positions[drop], g)
+            p_j = inv[:, idx]  # P[:, D]: the only gather, n x |D|
             leaving_coef = coef[idx]
-            solved = torch.linalg.solve(_submatrix(inv, idx, idx), torch.cat([p_rj.T, leaving_coef], 1))
+            solved = torch.linalg.solve(p_j[idx], torch.cat([p_j.T, leaving_coef], 1))
             # The objective grows by exactly tr(Z_D^T P_DD^-1 Z_D) (the joint OBS cost of the chunk).
-            augmented = augmented + (leaving_coef * solved[:, len(rest) :]).sum()  # no host read per chunk
-            # Schur downdate onto the groups that stay (the matrices shrink as groups leave), in one gather
-            # and one fused multiply-subtract.
-            inv = _submatrix(inv, rest, rest).addmm_(p_rj, solved[:, : len(rest)], alpha=-1)
-            coef = coef[rest] - p_rj @ solved[:, len(rest) :]
-            kept = kept[stay]
+            augmented = augmented + (leaving_coef * solved[:, inv.shape[0] :]).sum()  # no host read per chunk
+            # Schur downdate in place, one fused multiply-subtract each: exact on the rows and columns that stay
+            inv.addmm_(p_j, solved[:, : inv.shape[0]], alpha=-1)
+            coef.addmm_(p_j, solved[:, inv.shape[0] :], alpha=-1)
+            kept, positions = kept[stay], positions[stay]
             if path is not None:
                 path.append((len(kept), objective()))
         return kept, objective()
