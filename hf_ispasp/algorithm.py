@@ -42,7 +42,9 @@ __all__ = [
     "group_columns",
     "ieee_float32",
     "output_energy",
+    "all_finite",
     "refit_projection",
+    "refit_with_residual",
     "residual_after_refit",
     "residual_curve",
     "select_groups",
@@ -76,6 +78,13 @@ def accumulation_dtype(device: torch.device | str) -> torch.dtype:
     """float64 where the device has it (CPU, CUDA: an addition is memory-bound, so float64 costs little);
     float32 with Kahan compensation where it does not (MPS)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite. A finite sum proves it (an inf or NaN entry makes the sum inf or
+    NaN), so the exact elementwise check runs only when the sum is not finite (an entry is, or the sum overflowed):
+    one fast reduction instead of a boolean copy and a scan, 20x faster on a CPU."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 @dataclass
@@ -246,7 +255,7 @@ class BlockStatistics:
 
     def is_finite(self) -> bool:
         self.finish()
-        return bool(torch.isfinite(self.total).all() and torch.isfinite(self.gram).all())
+        return all_finite(self.total) and all_finite(self.gram)
 
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
@@ -972,6 +981,7 @@ def refit_projection(
     group_size: int,
     damping: float = 1e-4,
     anchored: bool = False,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares output projection on the kept groups: ``min ||H W^T + b - H_S W'^T - b'||``.
 
@@ -979,13 +989,14 @@ def refit_projection(
     columns); without one, on raw second moments. The ridge ``damping`` is relative (see :func:`_ridge`);
     ``anchored`` pulls ``W'`` towards the original columns ``W_S`` rather than towards zero, so a large ridge
     degrades gracefully to plain selection (``damping=inf``: ``W' = W_S``, only the bias is re-fitted) instead
-    of to a zero projection. Returns ``(W', b')`` on the statistics' device and in their dtype.
+    of to a zero projection. Returns ``(W', b')`` on the statistics' device and in their dtype. ``moments``: the
+    ``(mean, second moment)`` of ``stats`` as :func:`_moments` forms them, where the caller has them already.
     """
     w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
     if float(stats.count) <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
-    mean, moment = _moments(stats, centered=bias is not None)
+    mean, moment = _moments(stats, centered=bias is not None) if moments is None else moments
     if anchored and math.isinf(damping):
         new_weight = w[:, cols].clone()
     else:
@@ -1010,12 +1021,14 @@ def residual_after_refit(
     group_size: int,
     new_weight: torch.Tensor,
     new_bias: torch.Tensor | None,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """``sum_b ||H_b W^T + b - H_{b,S} W'^T - b'||^2`` from the statistics (of any data: all, or one fold).
 
     Computed as ``n (tr(D C D^T) + ||D mean + shift||^2)`` with the centred covariance ``C``: both terms are
     non-negative in exact arithmetic and nothing large cancels (the raw form subtracts mean terms of the size
-    of the signal), so only rounding noise is clamped.
+    of the signal), so only rounding noise is clamped. ``moments``: the centred ``(mean, covariance)`` of
+    ``stats`` where the caller has them already.
     """
     w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
@@ -1027,10 +1040,26 @@ def residual_after_refit(
     shift = torch.zeros_like(w[:, 0])
     if bias is not None and new_bias is not None:
         shift = _matching(bias, stats) - new_bias.to(w)
-    mean, cov = _moments(stats, centered=True)
+    mean, cov = _moments(stats, centered=True) if moments is None else moments
     spread = max(float((diff @ cov * diff).sum()), 0.0)
     offset = float((diff @ mean + shift).pow(2).sum())
     return n * (spread + offset)
+
+
+def refit_with_residual(
+    stats: BlockStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    group_size: int,
+    damping: float = 1e-4,
+    anchored: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """:func:`refit_projection` and its :func:`residual_after_refit`: ``(W', b', residual)``. With a bias both use
+    the centred moments, formed once here instead of once each (a width^2 copy of the sums and its centring)."""
+    moments = _moments(stats, centered=True) if bias is not None else None
+    fitted = refit_projection(stats, weight, bias, groups, group_size, damping, anchored, moments)
+    return (*fitted, residual_after_refit(stats, weight, bias, groups, group_size, *fitted, moments))
 
 
 # Relative ridges tried by the held-out validation of the re-fit (anchored at the original columns, relative to

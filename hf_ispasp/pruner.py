@@ -24,9 +24,10 @@ from .algorithm import (
     BlockStatistics,
     RefitChoice,
     SelectionResult,
+    all_finite,
     group_columns,
     output_energy,
-    refit_projection,
+    refit_with_residual,
     residual_after_refit,
     select_groups,
     selection_precision,
@@ -382,9 +383,9 @@ class ISpaSPPruner:
         if config.refit and pruning:
             ridge = choice.ridge if choice is not None else config.refit_damping
             if ridge is not None:
-                fitted = refit_projection(stats, weight, bias, result.groups, block.group_size, ridge,
-                                          anchored=choice is not None)
-                after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
+                new_weight, new_bias, after = refit_with_residual(stats, weight, bias, result.groups,
+                                                                  block.group_size, ridge, anchored=choice is not None)
+                fitted = (new_weight, new_bias)
                 refit_rel = after / full if full > 0 else 0.0
                 if choice is None and after > result.residual:  # fixed ridge can, in degenerate cases, do worse
                     fitted, refit_rel, ridge = None, result.relative_residual, None
@@ -565,7 +566,7 @@ def _check_model(model: nn.Module) -> None:
         return  # weights live in accelerate's offload maps; they are checked as each layer is loaded
     if any(p.device.type == "meta" for p in params):
         raise ValueError("the model has weights on the 'meta' device; load real weights before pruning")
-    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not all_finite(p)]
     if bad:
         raise ValueError(f"the model has NaN/inf weights in {bad[:5]}; it cannot be calibrated")
 

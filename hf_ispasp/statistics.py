@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters.base import ModelAdapter, PrunableBlock, Resume
-from .algorithm import BlockStatistics, accumulation_dtype
+from .algorithm import BlockStatistics, accumulation_dtype, all_finite
 
 __all__ = ["ActivationCache", "CalibrationError", "calibration_batches", "collect_block_statistics", "hidden_energy",
            "sequence_folds"]
@@ -367,7 +367,7 @@ def capture_layer_inputs(
             if not captured:
                 raise CalibrationError(f"the model never reached its first prunable layer ({type(first).__name__})")
             hidden = adapter.layer_hidden_states(captured["args"], captured["kwargs"])
-            if not torch.isfinite(hidden).all():
+            if not all_finite(hidden):
                 raise CalibrationError("the embeddings of a calibration batch are not finite (NaN/inf)")
             tokens += int(mask.sum()) if mask is not None else math.prod(hidden.shape[:-1])
             folds = sequence_folds(args, kwargs, mask, seed)
@@ -551,7 +551,7 @@ def propagate(
             hidden = resume.tail(adapter.layer_hidden_states(args, kwargs))
         else:
             hidden = adapter.layer_output(layer(*args, **kwargs))
-        if not torch.isfinite(hidden).all():
+        if not all_finite(hidden):
             raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
         entry["args"], entry["kwargs"] = adapter.replace_hidden_states(entry["args"], entry["kwargs"], hidden)
         cache[index] = entry

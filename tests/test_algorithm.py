@@ -427,3 +427,33 @@ def test_deferred_rows_multiply_whole_buffers():
     assert torch.equal(deferred.tensors()[0], per_batch.count + 5)
     torch.testing.assert_close(deferred.gram, per_batch.gram + batches[0][:5].double().T @ batches[0][:5].double(),
                                rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_refit_with_residual_equals_the_two_steps(with_bias):
+    from hf_ispasp.algorithm import refit_with_residual
+
+    h, w, active = _planted(width=32, out=12)
+    b = torch.randn(12, dtype=torch.float64) if with_bias else None
+    stats = _stats(h)
+    for anchored in (False, True):
+        fitted = refit_projection(stats, w, b, active, 1, 1e-2, anchored)
+        expected = residual_after_refit(stats, w, b, active, 1, *fitted)
+        new_w, new_b, residual = refit_with_residual(stats, w, b, active, 1, 1e-2, anchored)
+        assert torch.equal(new_w, fitted[0]) and residual == expected
+        assert (new_b is None) == (fitted[1] is None) and (new_b is None or torch.equal(new_b, fitted[1]))
+
+
+def test_all_finite():
+    from hf_ispasp.algorithm import all_finite
+
+    x = torch.randn(64, 48)
+    assert all_finite(x) and all_finite(x.to(torch.bfloat16))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        y = x.clone()
+        y[17, 3] = bad
+        assert not all_finite(y)
+    big = torch.full((8,), 3e38)  # finite entries whose sum overflows: the elementwise check decides
+    assert torch.isinf(big.sum()) and all_finite(big)
+    mixed = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, not inf
+    assert not all_finite(mixed)
