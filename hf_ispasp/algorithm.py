@@ -391,6 +391,7 @@ class SelectionResult:
     relative_residual: float
     iterations: int
     residual_history: list[float] = field(default_factory=list)
+    output_energy: float | None = None  # tr(W G W^T): the dense output's energy, the scale of relative_residual
 
 
 def _submatrix(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -510,6 +511,13 @@ class _Problem:
     def residual(self, support: torch.Tensor) -> float:
         m = self.dropped_mask(support)
         return float(m @ self.energy @ m)
+
+    def dropped_residual(self, support: torch.Tensor) -> float:
+        """:meth:`residual` as ``tr(W_D G_DD W_D^T)`` over the dropped columns ``D``: without ``E`` (nor ``W^T W``)
+        where neither is at hand, at a fraction of forming them (out x |D|^2 multiply-adds, not width^2 x out)."""
+        dropped = torch.nonzero(self.dropped_mask(support)).flatten()
+        w_d = self.weight[:, dropped]
+        return float((w_d @ _submatrix(self.gram, dropped, dropped) * w_d).sum())
 
     def proxy(self, support: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-group size of the residual gradient ``V W`` w.r.t. the dense hidden representation."""
@@ -830,6 +838,7 @@ def select_groups(
     anchored: bool = False,
     partitions: int = 1,
     weight_gram: torch.Tensor | None = None,
+    output_energy: float | None = None,
 ) -> SelectionResult:
     """Choose ``keep`` groups of a block.
 
@@ -855,6 +864,9 @@ def select_groups(
             i-SpaSP's candidate step takes the top ``2 keep / partitions`` of every run and its thresholds never
             take a run below ``keep / partitions``.
         weight_gram: ``W^T W`` from :func:`weight_gram`, when the caller already has it.
+        output_energy: ``tr(W G W^T)`` (a :class:`SelectionResult`'s ``output_energy``), when the caller already has
+            it: a rule that never formed ``E = G * W^T W`` (the re-fit threshold) then measures its residual on the
+            dropped columns instead of forming ``E`` for it.
     """
     if stats.width % group_size:
         raise ValueError(f"width {stats.width} is not a multiple of the group size {group_size}")
@@ -924,9 +936,13 @@ def select_groups(
     else:
         raise ValueError(f"unknown selection rule {selection!r}")
     support = torch.sort(support).values
-    residual = max(problem.residual(support), 0.0)  # a quadratic form of PSD matrices: only rounding is negative
-    relative = residual / problem.full_energy if problem.full_energy > 0 else 0.0
-    return SelectionResult(support.cpu(), residual, relative, iterations, history)
+    if output_energy is not None and "energy" not in problem.__dict__:  # E was not needed: do not form it now
+        residual, full = problem.dropped_residual(support), output_energy
+    else:
+        residual, full = problem.residual(support), problem.full_energy
+    residual = max(residual, 0.0)  # a quadratic form of PSD matrices: only rounding is negative
+    relative = residual / full if full > 0 else 0.0
+    return SelectionResult(support.cpu(), residual, relative, iterations, history, full)
 
 
 def _matching(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
@@ -1153,7 +1169,7 @@ def validated_selection(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     group_size: int,
-    select: Callable[[str, float | None, bool, torch.Tensor | None], SelectionResult],
+    select: Callable[[str, float | None, bool, torch.Tensor | None, float | None], SelectionResult],
     *,
     threshold: str,
     refit_threshold: bool,
@@ -1164,12 +1180,13 @@ def validated_selection(
 ) -> tuple[SelectionResult, RefitChoice]:
     """Selection and re-fit ridge chosen on held-out halves of the calibration data (the pruner's default path).
 
-    ``select(threshold, damping, anchored, weight_gram)`` runs one selection of the block (``damping=None``: the
-    caller's). With the re-fit-aware threshold (``refit_threshold``), the ridge is first validated on the support of
-    the exact-residual threshold (which needs no ridge); the re-fit threshold then runs with that ridge, and its
-    support is kept only if it does better on held-out data (the re-fit's held-out residual with ``refit``, plain
-    selection's without). Otherwise the support of ``threshold`` is validated alone. Where no re-fit beats plain
-    selection on held-out data, or the halves are unavailable, the choice's ridge is ``None``.
+    ``select(threshold, damping, anchored, weight_gram, output_energy)`` runs one selection of the block
+    (``damping=None``: the caller's; ``weight_gram`` and ``output_energy`` as in :func:`select_groups`). With the
+    re-fit-aware threshold (``refit_threshold``), the ridge is first validated on the support of the exact-residual
+    threshold (which needs no ridge); the re-fit threshold then runs with that ridge, and its support is kept only
+    if it does better on held-out data (the re-fit's held-out residual with ``refit``, plain selection's without).
+    Otherwise the support of ``threshold`` is validated alone. Where no re-fit beats plain selection on held-out data,
+    or the halves are unavailable, the choice's ridge is ``None``.
 
     Measured on MiniLM-L6 polarity (FFN 0.5 / heads 0.75, mean KL to dense on the test set): keeping the better
     support on held-out data gave KL 0.0090 at 32 calibration sentences and 0.0056 at 512, against 0.0103 / 0.0056
@@ -1187,7 +1204,7 @@ def validated_selection(
         return validate_refit(stats, weight, bias, groups, group_size, ridges, gram_w, dtype)
 
     first = "residual" if refit_threshold else threshold
-    result = phase("select_residual", lambda: select(first, None, False, gram_w))
+    result = phase("select_residual", lambda: select(first, None, False, gram_w, None))
     selecting_gram_w: torch.Tensor | None = gram_w
     if dtype != gram_w.dtype:
         # From here W^T W is held in the validation's precision only: the re-fit threshold forms its own where it
@@ -1197,7 +1214,7 @@ def validated_selection(
     choice = phase("validate_1", lambda: validate(result.groups))
     if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
         ridge = choice.ridge
-        other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w))
+        other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w, result.output_energy))
         # the same support validates the same way (the two thresholds agree): skip its two eigendecompositions
         other_choice = choice if torch.equal(other.groups, result.groups) else phase(
             "validate_2", lambda: validate(other.groups))

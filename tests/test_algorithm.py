@@ -457,3 +457,22 @@ def test_all_finite():
     assert torch.isinf(big.sum()) and all_finite(big)
     mixed = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, not inf
     assert not all_finite(mixed)
+
+
+def test_a_given_output_energy_measures_the_refit_residual_on_the_dropped_columns():
+    from hf_ispasp.algorithm import output_energy
+
+    h, w, _ = _planted(width=32, out=12)
+    stats = _stats(h)
+    kwargs = dict(threshold="refit", centered=True, damping=1e-2, anchored=True)
+    formed = select_groups(stats, w, 4, 4, **kwargs)  # forms E = G * W^T W for its residual
+    full = output_energy(stats, w, None)
+    given = select_groups(stats, w, 4, 4, output_energy=full, **kwargs)
+    assert torch.equal(given.groups, formed.groups) and given.output_energy == full
+    torch.testing.assert_close(given.output_energy, formed.output_energy, rtol=1e-12, atol=0)
+    torch.testing.assert_close(given.residual, formed.residual, rtol=1e-10, atol=0)
+    torch.testing.assert_close(given.relative_residual, formed.relative_residual, rtol=1e-10, atol=0)
+    dropped = torch.ones(32, dtype=torch.bool)
+    dropped[group_columns(given.groups, 4)] = False
+    explicit = float((h[:, dropped] @ w[:, dropped].T).pow(2).sum())  # sum_b ||W_D h_D||^2
+    torch.testing.assert_close(given.residual, explicit, rtol=1e-9, atol=0)
