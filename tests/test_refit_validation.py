@@ -338,3 +338,33 @@ def test_a_float32_validation_of_float64_sums_equals_one_of_their_float32_copy()
         ours = validate_refit(stats, w, bias, groups, 1, weight_gram=gram_w, dtype=torch.float32)
         theirs = validate_refit(copy, w, bias, groups, 1, weight_gram=gram_w)
         assert ours == theirs
+
+
+@pytest.mark.parametrize(("group_size", "partitions"), [(1, 1), (4, 1), (4, 2)])
+def test_refit_threshold_at_width_reports_the_objective_of_its_support(group_size, partitions):
+    """Wide enough that the inverse is formed by block elimination and groups leave many per chunk, with stale rows
+    and columns left in the downdated inverse: the objective it reports is still the one of the support it returns."""
+    gen = torch.Generator().manual_seed(11)
+    width, out, tokens = 600, 24, 2400
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64) / width**0.5
+    h = torch.randn(tokens, width, generator=gen, dtype=torch.float64) @ mix + 0.2
+    w = torch.randn(out, width, generator=gen, dtype=torch.float64)
+    b = torch.zeros(out, dtype=torch.float64)
+    stats = BlockStatistics(width)
+    for part in h.chunk(4):
+        stats.update(part, torch.float64)
+    damping, keep = 0.05, width // group_size // 3
+    result = select_groups(stats, w, group_size, keep, threshold="refit", damping=damping, anchored=True,
+                           partitions=partitions)
+    assert len(result.groups) == keep
+    if partitions > 1:  # every run keeps its share
+        runs = torch.bincount(result.groups // (width // group_size // partitions), minlength=partitions)
+        assert runs.tolist() == [keep // partitions] * partitions
+    new_w, new_b = refit_projection(stats, w, b, result.groups, group_size, damping, anchored=True)
+    cov = stats.gram / tokens - torch.outer(stats.total / tokens, stats.total / tokens)
+    ridge = damping * float(torch.diagonal(cov).mean()) + 1e-12
+    cols = (result.groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    objective = residual_after_refit(stats, w, b, result.groups, group_size, new_w, new_b)
+    objective += tokens * ridge * float((new_w - w[:, cols]).pow(2).sum())
+    best = min(result.residual_history)  # the support kept is the iteration with the least objective
+    torch.testing.assert_close(best, objective, rtol=1e-7, atol=0)
