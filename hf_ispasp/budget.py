@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters.base import adapter_for
-from .algorithm import output_energy, residual_curve, selection_precision
+from .algorithm import ieee_float32, output_energy, residual_curve, selection_precision
 from .allocation import BudgetBlock, Pricing, allocate
 from .config import kept_count
 from .metrics import _call, count_parameters, flop_counter
@@ -370,10 +370,11 @@ def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationC
             reduce(tensor)
         stats = stats.to(dtype=selection_precision(stats, config.selection_dtype)[0])  # curves: no validation
         weight, bias = adapter.output_weight(block), adapter.output_bias(block)
-        counts, residuals = residual_curve(
-            stats, weight, block.group_size, refit=config.refit, centered=bias is not None,
-            damping=config.refit_damping, partitions=block.partitions,
-        )
+        with ieee_float32():  # as the prune's own selection (selection_dtype="float32": no TF32)
+            counts, residuals = residual_curve(
+                stats, weight, block.group_size, refit=config.refit, centered=bias is not None,
+                damping=config.refit_damping, partitions=block.partitions,
+            )
         # Pre-norm and residual CNNs: the stream this block's error lands in is the layer input plus what this
         # layer's blocks up to this one write into it (their dense outputs, taken as orthogonal to it). In a
         # decoder whose first layer writes 10^5 times the energy of the embeddings, the layer input alone would

@@ -26,6 +26,7 @@ from .algorithm import (
     SelectionResult,
     all_finite,
     group_columns,
+    ieee_float32,
     output_energy,
     refit_with_residual,
     residual_after_refit,
@@ -376,7 +377,8 @@ class ISpaSPPruner:
         uses_refit = config.refit or (config.threshold == "refit" and config.selection == "ispasp")
         self._warn_small_calibration(block, stats)
         validate = config.refit_validation and pruning and uses_refit
-        result, choice = self._selection(adapter, block, stats, generator, keep, weight, bias, validate)
+        with ieee_float32():  # a float32 selection or validation must not run in TF32 where the user allows it
+            result, choice = self._selection(adapter, block, stats, generator, keep, weight, bias, validate)
         full = _output_energy(stats, weight, result)
         refit_rel = heldout_rel = ridge = None
         fitted = None

@@ -252,3 +252,37 @@ def test_meta_device_model_is_rejected(batches):
 def test_config_type_is_checked():
     with pytest.raises(TypeError, match="PrunerConfig"):
         ISpaSPPruner(tiny_text_model("bert"), {"ffn_keep_ratio": 0.5})
+
+
+def test_selection_never_runs_in_tf32_where_the_user_allows_it(monkeypatch):
+    """A float32 selection or validation in TF32 (10 mantissa bits) can drop other groups: whatever the user's
+    float32 matmul precision, the selection and the budget's error curves run at "highest", and the user's
+    setting is back afterwards."""
+    import hf_ispasp.budget as budget
+    import hf_ispasp.pruner as pruner_module
+
+    seen = []
+
+    def recording(module, name):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            seen.append((name, torch.get_float32_matmul_precision()))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    recording(pruner_module, "validated_selection")
+    recording(pruner_module, "select_groups")
+    recording(budget, "residual_curve")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _prune(tiny_text_model("bert"), token_batches(), selection_dtype="float32")
+        _prune(tiny_text_model("bert"), token_batches(), refit_validation=False)
+        _prune(tiny_text_model("bert"), token_batches(), flops_keep_ratio=0.7, allocation="global")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert {name for name, _ in seen} == {"validated_selection", "select_groups", "residual_curve"}
+    assert {precision for _, precision in seen} == {"highest"}
