@@ -98,10 +98,10 @@ def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tenso
     s = timed("to_dtype", lambda: stats.to(dtype=dtype))
 
     def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor | None,
-               full_energy: float | None) -> Any:
+               energy: float | None) -> Any:
         return select_groups(s, weight, group, keep, threshold=threshold, centered=True,
                              damping=1e-4 if damping is None else damping, anchored=anchored, weight_gram=gram_w,
-                             output_energy=full_energy)
+                             output_energy=energy)
 
     result, final = validated_selection(s, weight, bias, group, select, threshold="refit", refit_threshold=True,
                                         refit=True, phase=timed)

@@ -278,6 +278,7 @@ class BlockStatistics:
         return first, BlockStatistics(self.width, self.count.to(dtype) - fold_count, self.total.to(dtype) - fold_total,
                                       second, _read_only=True)
 
+
 WELL_POSED_ROWS_PER_COLUMN = 2.0  # selection_dtype="auto": float32 validation from this many rows per column
 
 
@@ -499,6 +500,11 @@ class _Problem:
         after its own width^2 matrices are gone."""
         return self.gram * self.weight_gram
 
+    @property
+    def energy_formed(self) -> bool:
+        """Whether :attr:`energy` has been formed (it is cached once it has)."""
+        return "energy" in self.__dict__
+
     @functools.cached_property
     def full_energy(self) -> float:
         return float(self.energy.sum())
@@ -684,19 +690,15 @@ class _Problem:
             if anchored:
                 cross = cross + ridge * self.weight[:, cols].T
                 total += ridge * float(column_sq.sum())
-        system = cov if everything else _submatrix(cov, cols, cols)
+        def system(moment: torch.Tensor) -> torch.Tensor:  # C_SS + ridge I (the whole block: in place)
+            kept_block = moment if everything else _submatrix(moment, cols, cols)
+            kept_block.diagonal().add_(ridge)
+            return kept_block
+
+        held = [system(cov)]
         del cov  # what follows needs only the kept block: at most two width^2 matrices live at once
-        system.diagonal().add_(ridge)  # C_SS + ridge I, in place
-        held = [system]
-        del system
-
-        def rebuild() -> torch.Tensor:  # the system again, for the LU fallback (the first was inverted in place)
-            moment = _moments(self.stats, centered)[1]
-            system = moment if everything else _submatrix(moment, cols, cols)
-            system.diagonal().add_(ridge)
-            return system
-
-        inv = _spd_inverse(held, rebuild)
+        # the LU fallback forms the system again (the first was inverted in place)
+        inv = _spd_inverse(held, lambda: system(_moments(self.stats, centered)[1]))
         if not (everything and anchored):
             coef = inv @ cross  # Z
             augmented = total - (cross * coef).sum()  # the (augmented) objective at the merged support (on device)
@@ -936,7 +938,7 @@ def select_groups(
     else:
         raise ValueError(f"unknown selection rule {selection!r}")
     support = torch.sort(support).values
-    if output_energy is not None and "energy" not in problem.__dict__:  # E was not needed: do not form it now
+    if output_energy is not None and not problem.energy_formed:  # E was not needed: do not form it now
         residual, full = problem.dropped_residual(support), output_energy
     else:
         residual, full = problem.residual(support), problem.full_energy

@@ -463,7 +463,7 @@ class ISpaSPPruner:
     def _select(
         self, adapter: ModelAdapter, block: PrunableBlock, stats: BlockStatistics, generator: torch.Generator,
         keep: int, weight: torch.Tensor, bias: torch.Tensor | None, threshold: str, damping: float | None = None,
-        anchored: bool = False, gram_w: torch.Tensor | None = None, full_energy: float | None = None,
+        anchored: bool = False, gram_w: torch.Tensor | None = None, output_energy: float | None = None,
     ) -> SelectionResult:
         config = self.config
         return select_groups(
@@ -483,7 +483,7 @@ class ISpaSPPruner:
             anchored=anchored,
             partitions=block.partitions,
             weight_gram=gram_w,
-            output_energy=full_energy,
+            output_energy=output_energy,
         )
 
     def _validated_selection(
@@ -498,9 +498,9 @@ class ISpaSPPruner:
         config = self.config
 
         def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor | None,
-                   full_energy: float | None) -> SelectionResult:
+                   energy: float | None) -> SelectionResult:
             return self._select(adapter, block, stats, generator, keep, weight, bias, threshold, damping, anchored,
-                                gram_w, full_energy)
+                                gram_w, energy)
 
         result, choice = validated_selection(
             stats, weight, bias, block.group_size, select, threshold=config.threshold,
@@ -550,12 +550,8 @@ class ISpaSPPruner:
 
 
 def _output_energy(stats: BlockStatistics, weight: torch.Tensor, result: SelectionResult) -> float:
-    """``sum_b ||W H_b||^2``, the scale of the relative residuals."""
-    if result.output_energy is not None:
-        return result.output_energy
-    if result.relative_residual > 0:
-        return result.residual / result.relative_residual
-    return output_energy(stats, weight, None)
+    """``sum_b ||W H_b||^2``, the scale of the relative residuals (every selection reports it)."""
+    return result.output_energy if result.output_energy is not None else output_energy(stats, weight, None)
 
 
 def _like_stats(tensor: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
