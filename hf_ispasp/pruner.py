@@ -72,7 +72,8 @@ class BlockReport:
     iterations: int
     kept: list[int] = field(default_factory=list)
     # Relative ridge of the installed re-fit (inf: only the bias was re-fitted; None: no re-fit), and the relative
-    # residual of the installed projection on held-out calibration data (2-fold; None when not validated).
+    # residual of the installed projection on held-out calibration data (2-fold; None when not validated, which
+    # includes the re-fit threshold's support kept on a well-posed block with the ridge of the exact-residual one).
     refit_ridge: float | None = None
     relative_residual_heldout: float | None = None
 
@@ -401,7 +402,7 @@ class ISpaSPPruner:
             after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
             ridge, refit_rel = math.inf, (after / full if full > 0 else 0.0)
             heldout = None if choice is None else choice.scores.get(math.inf, choice.plain)
-        if choice is not None and choice.validated and full > 0:
+        if choice is not None and choice.validated and choice.support_validated and full > 0:
             heldout_rel = heldout / full
         if pruning:
             adapter.compact(block, result.groups)
@@ -494,7 +495,8 @@ class ISpaSPPruner:
         (:func:`hf_ispasp.algorithm.validated_selection`). Where no re-fit beats plain selection on held-out data,
         or the halves are unavailable, the support is the exact-residual one and nothing is re-fitted (the
         exact-residual threshold is the better no-re-fit rule: KL 0.047 vs 0.104 for `output` at 32 sequences,
-        0.052 vs 0.097 at 512). Costs two validations and one extra cheap selection per block."""
+        0.052 vs 0.097 at 512). Costs one validation and one extra selection per block (a second validation
+        where the block has fewer than 4 tokens per column)."""
         config = self.config
 
         def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor | None,

@@ -146,7 +146,11 @@ def test_refit_lowers_the_residual(batches):
     for block in with_refit.report.blocks:
         assert block.refit_ridge is not None  # ~230 tokens for 30-37 columns: the validation keeps a re-fit
         assert 0 <= block.relative_residual_refit < 0.9 * block.relative_residual
-        assert 0 <= block.relative_residual_heldout < block.relative_residual
+        # ~230 tokens for 30-37 columns are well posed: where the re-fit threshold's support is not the
+        # exact-residual one it is kept without a held-out residual of its own (None)
+        heldout = block.relative_residual_heldout
+        assert heldout is None or 0 <= heldout < block.relative_residual
+    assert any(b.relative_residual_heldout is not None for b in with_refit.report.blocks)
     # Measure the first block (its inputs, the embeddings, are the same in both models) on the calibration tokens.
     outputs = {}
     for name, m in (("dense", model), ("pruned", pruned)):
