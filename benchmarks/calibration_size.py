@@ -161,9 +161,10 @@ def findings(records: list[dict[str, Any]]) -> list[str]:
         extra = sorted(d["selection_seconds"] - r["selection_seconds"] for _, r, d in old
                        if "selection_seconds" in d and "selection_seconds" in r)
         if extra:
-            lines.append(f"- Selection time of the default minus the fixed-ridge re-fit (two held-out validations "
-                         f"and one extra selection per block): median {extra[len(extra) // 2]:+.1f} s per prune "
-                         f"(range {extra[0]:+.1f} to {extra[-1]:+.1f} s; wall times on a shared 2-core machine).")
+            lines.append(f"- Selection time of the default minus the fixed-ridge re-fit (one or two held-out "
+                         f"validations and one extra selection per block): median {extra[len(extra) // 2]:+.1f} s "
+                         f"per prune (range {extra[0]:+.1f} to {extra[-1]:+.1f} s; wall times on a shared 2-core "
+                         "machine, each row from the run that measured it: rerun with --fresh for one engine).")
     return lines
 
 

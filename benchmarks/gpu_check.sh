@@ -3,7 +3,7 @@
 # device machine where nothing is installed: run from the repository root; the results (JSON + markdown
 # fragments, named like the ones in benchmarks/results/) go to $OUT, or benchmarks/results without it.
 #
-#   bash benchmarks/gpu_check.sh            # on the GPU machine (about 6 minutes on one H100)
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (at most 9 minutes)
 #   bash benchmarks/gpu_check.sh --tiny     # a CPU smoke run of the same plumbing (seconds)
 #
 # Each step has its own time limit, so a step that fails or runs long leaves the others' results.
@@ -33,13 +33,22 @@ if [[ "${1:-}" == "--tiny" ]]; then
 fi
 
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# BERT shapes, float32 and bfloat16, with the CPU float64 reference of the selection ('same as CPU'); the file
-# names are the ones make_report reads (engine_shapes_gpu, engine_shapes_gpu_llama7b). Under 9 minutes in all, so
-# one device call of at most 10 minutes holds both.
-step 300 --device cuda --shape bert-base bert-large --dtype float32 bfloat16 --repeats 2 \
-  --title "BERT-base and BERT-large shapes on one GPU (issue 8: <= 3x fp32, <= 10x bf16)"
+# An earlier engine to measure as 'before' in the same run (the same card, interleaved): a source tree at
+# $GPU_BASELINE (e.g. mkdir .gpu_before && git archive REV hf_ispasp | tar -x -C .gpu_before), described by
+# $GPU_BASELINE_LABEL.
+before=()
+if [[ -n "${GPU_BASELINE:-}" ]]; then
+  before=(--baseline-path "$GPU_BASELINE" --baseline-label "${GPU_BASELINE_LABEL:-$GPU_BASELINE}")
+fi
+# The file names are the ones make_report reads (engine_shapes_gpu, _gpu_large, _gpu_llama7b). Under 9 minutes in
+# all, so one device call of at most 10 minutes holds every step. BERT-base with the CPU float64 reference of the
+# selection ('same as CPU'); BERT-large without (its CPU reference alone would take minutes).
+step 170 --device cuda --shape bert-base --dtype float32 bfloat16 --repeats 2 "${before[@]}" \
+  --title "BERT-base shape on one GPU (issue 8: <= 3x fp32, <= 10x bf16)"
+step 150 --device cuda --shape bert-large --dtype float32 bfloat16 --repeats 2 --reference 0 --suffix _large \
+  --title "BERT-large shape on one GPU (issue 8: <= 3x fp32, <= 10x bf16)"
 # the decoder issue's goal: a LLaMA-7B shape in bfloat16, 128 x 2048 calibration tokens, under 2 minutes
-step 230 --device cuda --shape llama-7b --dtype bfloat16 --sequences 128 --length 2048 --batch-size 4 \
+step 220 --device cuda --shape llama-7b --dtype bfloat16 --sequences 128 --length 2048 --batch-size 4 \
   --repeats 1 --reference 0 --title "LLaMA-7B shape in bfloat16 on one GPU (128 x 2048 calibration tokens)" \
   --suffix _llama7b
 exit $status

@@ -181,15 +181,16 @@ def _cpu_engine_summary(results_dir: Path) -> list[str]:
 def _gpu_summary(results_dir: Path) -> list[str]:
     """The engine's GPU targets: prune / dense forward at BERT-base width, the 7B-shaped decoder's wall time."""
     lines = []
-    bert = _json(results_dir, "engine_shapes_gpu")
     limits = {"float32": 3, "bfloat16": 10}
-    rows = [r for r in (bert or {}).get("records", [])
-            if r.get("engine") == "current" and r["shape"] == "bert-base" and r["dtype"] in limits]
-    if rows:
-        cells = [f"{r['dtype']} {r['ratio']:.1f}x (target <= {limits[r['dtype']]}x)" for r in rows]
-        met = all(r["ratio"] <= limits[r["dtype"]] for r in rows)
-        lines.append(f"- Engine on a GPU ({rows[0].get('card', 'GPU')}), BERT-base shape, prune / one dense forward: "
-                     f"{', '.join(cells)} -> {'met' if met else 'not met'}.")
+    for name, shape, label in (("engine_shapes_gpu", "bert-base", "BERT-base"),
+                               ("engine_shapes_gpu_large", "bert-large", "BERT-large")):
+        rows = [r for r in (_json(results_dir, name) or {}).get("records", [])
+                if r.get("engine") == "current" and r["shape"] == shape and r["dtype"] in limits]
+        if rows:
+            cells = [f"{r['dtype']} {r['ratio']:.1f}x (target <= {limits[r['dtype']]}x)" for r in rows]
+            met = all(r["ratio"] <= limits[r["dtype"]] for r in rows)
+            lines.append(f"- Engine on a GPU ({rows[0].get('card', 'GPU')}), {label} shape, prune / one dense "
+                         f"forward: {', '.join(cells)} -> {'met' if met else 'not met'}.")
     big = _json(results_dir, "engine_shapes_gpu_llama7b")
     for r in (big or {}).get("records", []):
         verdict = "met" if r["prune_s"] < 120 else "not met"

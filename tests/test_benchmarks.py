@@ -101,6 +101,20 @@ def test_selection_profile(tmp_path: Path) -> None:
     assert records[0]["kept"] == records[1]["kept"]
 
 
+def test_engine_profile(tmp_path: Path) -> None:
+    """The whole-prune profile (its CPU mode) counts the host reads the selection makes and names the busiest
+    operators."""
+    import engine_profile
+
+    argv = ["--device", "cpu", "--shape", "tiny", "--sequences", "8", "--length", "8", "--batch-size", "4",
+            "--top", "3", "--output-dir", str(tmp_path)]
+    assert engine_profile.main(argv) == 0
+    (rec,) = json.loads((tmp_path / "engine_profile.json").read_text())["records"]
+    assert rec["prune_s"] > 0 and rec["profiled_prune_s"] > 0 and rec["device_busy_s"] == 0
+    assert rec["host_syncs"]["aten::item"] > 0 and len(rec["by_host_time"]) == 3 and rec["by_device_time"] == []
+    assert "| tiny | float32 |" in (tmp_path / "engine_profile.md").read_text()
+
+
 def test_inference_speed(tmp_path: Path) -> None:
     import inference_speed
 

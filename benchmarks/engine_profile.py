@@ -1,0 +1,139 @@
+"""Where one whole prune spends its time on a device: torch.profiler over a warm prune of a BERT or LLaMA shape.
+
+``engine_shapes`` says how long a prune takes against a dense forward; this says why. It reports the wall time,
+how much of it the device was busy (sum of kernel times: a prune far above its busy time waits on the host:
+launches, Python, host reads of device values), the host synchronisations (``item``/``tolist`` reads and explicit
+synchronises, each a stall of the launch queue), and the busiest operators by device time and by host time.
+
+Self-contained (torch, transformers, hf_ispasp; no ``datasets``), so it runs from a source tree on a GPU machine:
+
+    PYTHONPATH=. python benchmarks/engine_profile.py --device cuda --shape bert-base --dtype float32 bfloat16
+    python benchmarks/engine_profile.py --device cpu --shape tiny --sequences 16 --length 16   # a smoke run
+
+Profiling adds host overhead per operator, so the profiled wall time is above the unprofiled one (both reported);
+compare operators with each other, not with ``engine_shapes``' figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+NAME = "engine_profile"
+# host reads of device values and explicit waits: each one drains the launch queue
+SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+         "cudaMemcpyAsync", "cudaEventSynchronize")
+
+
+def _device_time(event: Any) -> float:
+    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int, length: int, batch_size: int,
+                  top: int) -> dict[str, Any]:
+    """One warm-up prune, one timed prune, one profiled prune of ``shape``; the profile's summary."""
+    import torch
+    from engine_shapes import _batches, _config, _model, _sync, _vocab
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_ispasp import ISpaSPPruner
+
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    model = _model(shape, dtype, device)
+    batches = _batches(sequences, length, batch_size, vocab=_vocab(shape))
+    ISpaSPPruner(model, _config()).prune(batches)  # warm-up: kernels, solver handles, allocator
+    _sync(device)
+    start = time.perf_counter()
+    pruner = ISpaSPPruner(model, _config())
+    pruner.prune(batches)
+    _sync(device)
+    wall = time.perf_counter() - start
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        profiled = ISpaSPPruner(model, _config())
+        profiled.prune(batches)
+        _sync(device)
+    events = prof.key_averages()
+    busy = sum(_device_time(e) for e in events if e.device_type.name == "CUDA") / 1e6
+    syncs = {e.key: int(e.count) for e in events if e.key in SYNCS}
+    ops = [e for e in events if e.key.startswith("aten::") or e.device_type.name == "CUDA"]
+
+    def rows(key: Any) -> list[dict[str, Any]]:
+        return [{"op": e.key[:80], "count": int(e.count), "device_s": _device_time(e) / 1e6,
+                 "host_s": float(e.self_cpu_time_total) / 1e6}
+                for e in sorted(ops, key=key, reverse=True)[:top]]
+
+    profiled_wall = sum(float(e.self_cpu_time_total) for e in events) / 1e6
+    return {
+        "shape": shape, "dtype": dtype_name, "device": str(device), "sequences": sequences, "length": length,
+        "prune_s": wall, "calibration_s": pruner.report.seconds_calibration,
+        "selection_s": pruner.report.seconds_selection, "profiled_host_s": profiled_wall,
+        "profiled_prune_s": profiled.report.seconds, "device_busy_s": busy,
+        "host_syncs": syncs, "kernels": sum(int(e.count) for e in events if e.device_type.name == "CUDA"),
+        "by_device_time": rows(_device_time) if device.type == "cuda" else [],
+        "by_host_time": rows(lambda e: e.self_cpu_time_total),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    }
+
+
+def report(records: list[dict[str, Any]]) -> str:
+    lines = [f"## Where a prune spends its time: {', '.join(sorted({r['shape'] for r in records}))} on "
+             f"{records[0]['card']}", "",
+             "torch.profiler over one warm prune (FFN 0.5 / heads 0.75, default config, random weights and tokens). "
+             "busy = sum of kernel times; syncs = host reads of device values and explicit waits (each drains the "
+             "launch queue). Profiled times include the profiler's own overhead per operator.", "",
+             "| shape | dtype | prune s | calibration s | selection s | profiled prune s | device busy s | kernels | "
+             "host syncs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        syncs = ", ".join(f"{k} {v}" for k, v in sorted(r["host_syncs"].items())) or "-"
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['prune_s']:.2f} | {r['calibration_s']:.2f} | "
+                     f"{r['selection_s']:.2f} | {r['profiled_prune_s']:.2f} | {r['device_busy_s']:.2f} | "
+                     f"{r['kernels']} | {syncs} |")
+    for r in records:
+        for title, key in (("device", "by_device_time"), ("host", "by_host_time")):
+            if not r[key]:
+                continue
+            lines += ["", f"Busiest operators by {title} time, {r['shape']} {r['dtype']}:", "",
+                      "| operator | count | device s | host s |", "|---|---|---|---|"]
+            lines += [f"| `{row['op']}` | {row['count']} | {row['device_s']:.3f} | {row['host_s']:.3f} |"
+                      for row in r[key]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="bert-base")
+    parser.add_argument("--dtype", nargs="*", default=["float32"])
+    parser.add_argument("--sequences", type=int, default=512)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--suffix", default="")
+    args = parser.parse_args(argv)
+    records = []
+    for dtype in args.dtype:
+        records.append(profile_prune(args.shape, dtype, args.device, args.sequences, args.length, args.batch_size,
+                                     args.top))
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
+        (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"records": records}, indent=2))
+        text = report(records)
+        (args.output_dir / f"{NAME}{suffix}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
