@@ -2,8 +2,9 @@
 
 ``engine_shapes`` says how long a prune takes against a dense forward; this says why. It reports the wall time,
 how much of it the device was busy (sum of kernel times: a prune far above its busy time waits on the host:
-launches, Python, host reads of device values), the host synchronisations (``item``/``tolist`` reads and explicit
-synchronises, each a stall of the launch queue), and the busiest operators by device time and by host time.
+launches, Python, host reads of device values), the synchronisation counts (``cudaStreamSynchronize`` and
+``cudaMemcpyAsync`` are the waits on the device; ``aten::item`` also counts reads of CPU tensors, which cost no
+wait), and the busiest operators by device time and by host time.
 
 Self-contained (torch, transformers, hf_ispasp; no ``datasets``), so it runs from a source tree on a GPU machine:
 
@@ -90,8 +91,9 @@ def report(records: list[dict[str, Any]]) -> str:
     lines = [f"## Where a prune spends its time: {', '.join(sorted({r['shape'] for r in records}))} on "
              f"{records[0]['card']}", "",
              "torch.profiler over one warm prune (FFN 0.5 / heads 0.75, default config, random weights and tokens). "
-             "busy = sum of kernel times; syncs = host reads of device values and explicit waits (each drains the "
-             "launch queue). Profiled times include the profiler's own overhead per operator.", "",
+             "busy = sum of kernel times; syncs: cudaStreamSynchronize / cudaMemcpyAsync are waits on the device "
+             "(each drains the launch queue), aten::item also counts reads of CPU tensors (no wait). Profiled times "
+             "include the profiler's own overhead per operator.", "",
              "| shape | dtype | prune s | calibration s | selection s | profiled prune s | device busy s | kernels | "
              "host syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:

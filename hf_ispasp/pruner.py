@@ -414,7 +414,7 @@ class ISpaSPPruner:
                      result.relative_residual, ridge)
         return BlockReport(
             block.name, block.kind, block.layer, block.num_groups, keep, result.relative_residual, refit_rel,
-            result.iterations, [int(g) for g in result.groups], ridge if fitted is not None else None, heldout_rel,
+            result.iterations, result.groups.tolist(), ridge if fitted is not None else None, heldout_rel,
         )
 
     def _selection(
