@@ -1156,11 +1156,7 @@ def validate_refit(
     cols = group_columns(groups, group_size)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
-    dropped = torch.ones(stats.width, dtype=torch.bool, device=w.device)
-    dropped[cols] = False
-    # No re-fit fits nothing: its held-out residual is sum_b ||W_D H_{b,D}||^2 on all the data.
-    rest = torch.nonzero(dropped).flatten()
-    plain = max(float((_submatrix(stats.gram, rest, rest).to(dtype) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
+    plain = _plain_residual(stats, gram_w, cols, dtype)
     halves = stats.halves(dtype)
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
@@ -1176,6 +1172,15 @@ def validate_refit(
     if scores[best] < plain:
         return RefitChoice(best, scores[best], plain, scores)
     return RefitChoice(None, plain, plain, scores)
+
+
+def _plain_residual(stats: BlockStatistics, gram_w: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> float:
+    """``sum_b ||W_D H_{b,D}||^2`` on all the data (``D``: the columns not in ``cols``), in ``dtype``: the residual
+    of no re-fit, which fits nothing, so it is also its held-out residual."""
+    dropped = torch.ones(stats.width, dtype=torch.bool, device=gram_w.device)
+    dropped[cols] = False
+    rest = torch.nonzero(dropped).flatten()
+    return max(float((_submatrix(stats.gram, rest, rest).to(dtype) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
 
 
 Phase = Callable[[str, Callable[[], Any]], Any]
@@ -1207,7 +1212,8 @@ def validated_selection(
     threshold (which needs no ridge); the re-fit threshold then runs with that ridge. From
     :data:`TRUSTED_SUPPORT_ROWS_PER_COLUMN` tokens per column, with ``refit``, its support is kept with that ridge
     (``support_validated`` False); otherwise it is kept only if it does better on held-out data (the re-fit's
-    held-out residual with ``refit``, plain selection's without), a second validation. Without ``refit_threshold``
+    held-out residual, a second validation; without ``refit``, plain selection's residual, which needs no
+    validation: the choice then has no ridge and no scores). Without ``refit_threshold``
     the support of ``threshold`` is validated alone. Where no re-fit beats plain selection on held-out data, or the
     halves are unavailable, the choice's ridge is ``None``.
 
@@ -1243,13 +1249,12 @@ def validated_selection(
         other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w, result.output_energy))
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return result, choice
-        if refit and well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN):  # too many tokens to overfit
+        if not refit:  # plain selection's residual decides, and it needs no held-out halves
+            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size), dtype)
+            return (other, RefitChoice(None, plain, plain)) if plain <= choice.plain else (result, choice)
+        if well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN):  # too many tokens to overfit
             return other, dataclasses.replace(choice, support_validated=False)
         other_choice = phase("validate_2", lambda: validate(other.groups))
-        if refit:
-            better = other_choice.ridge is not None and other_choice.heldout <= choice.heldout
-        else:
-            better = other_choice.plain <= choice.plain
-        if better:
+        if other_choice.ridge is not None and other_choice.heldout <= choice.heldout:
             result, choice = other, other_choice
     return result, choice

@@ -96,8 +96,8 @@ class PrunerConfig:
             ridge beats plain selection on held-out data. Without it, small calibration sets (fewer tokens than
             a block has columns) make the least-squares re-fit interpolate them and destroy the model. The
             `refit` threshold then uses the validated ridge, or the `residual` threshold where the re-fit does
-            not help; its support must also beat the `residual` one on held-out data where the block has fewer
-            than 4 tokens per column (`hf_ispasp.algorithm.TRUSTED_SUPPORT_ROWS_PER_COLUMN`), a second
+            not help; with `refit` its support must also beat the `residual` one on held-out data where the block
+            has fewer than 4 tokens per column (`hf_ispasp.algorithm.TRUSTED_SUPPORT_ROWS_PER_COLUMN`), a second
             validation. `False` restores the fixed-ridge re-fit of earlier versions.
         layer_overrides: Per-layer keep ratios, e.g. `{0: {"ffn_keep_ratio": 0.8}}`.
         round_to: Round kept FFN widths to a multiple of this (e.g. 8) for fast kernels.

@@ -229,8 +229,8 @@ def _split_stats(h: torch.Tensor) -> BlockStatistics:
 @pytest.mark.parametrize("refit", [True, False])
 def test_a_well_posed_block_keeps_the_refit_threshold_support_without_a_second_validation(refit):
     """From 4 tokens per column the re-fit threshold's support is kept with the ridge validated on the
-    exact-residual support; below that (159 tokens for 40 columns), or without a re-fit to install, it must beat
-    that support on held-out data, a second validation."""
+    exact-residual support; below that (159 tokens for 40 columns) it must beat that support on held-out data, a
+    second validation; without a re-fit to install, plain selection's residual on all the data decides."""
     width = 40
     for rows in (159, 160):
         gen = torch.Generator().manual_seed(1)
@@ -256,7 +256,12 @@ def test_a_well_posed_block_keeps_the_refit_threshold_support_without_a_second_v
         refit_support = select("refit", choice.ridge, True, None, None).groups
         assert not torch.equal(refit_support, residual_support)  # the case the second validation decides
         trusted = rows == 160 and refit
-        assert ("validate_2" in seen) is not trusted and choice.support_validated is not trusted
+        assert ("validate_2" in seen) is (refit and not trusted) and choice.support_validated is not trusted
+        if not refit:  # the decision of two full validations, from plain selection's residuals alone
+            first, second = (validate_refit(stats, w, b, support, 1) for support in (residual_support, refit_support))
+            expected = refit_support if second.plain <= first.plain else residual_support
+            assert torch.equal(result.groups, expected) and choice.plain == pytest.approx(
+                min(first.plain, second.plain), rel=1e-12)
         if trusted:
             assert torch.equal(result.groups, refit_support)
             first = validate_refit(stats, w, b, residual_support, 1)  # the ridge and residuals are this support's
