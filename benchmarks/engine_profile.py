@@ -40,9 +40,47 @@ def _device_time(event: Any) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
+# Tensor calls that return values to Python: on an accelerator each one waits for the device
+READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "equal", "numpy", "cpu", "to"})
+
+
+def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
+    """Run ``run()`` and count where it reads values of tensors on ``device`` back to the host, per innermost
+    hf_ispasp frame (``file:line function``): the synchronisations of a prune, by call site. ``to`` counts only
+    copies to the CPU."""
+    import collections
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    counts: collections.Counter[str] = collections.Counter()
+
+    def to_host(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if name != "to":
+            return True
+        targets = [*args[1:], kwargs.get("device")]
+        return any(str(t) == "cpu" for t in targets if isinstance(t, (str, torch.device)))
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if (name in READS and args and isinstance(args[0], torch.Tensor) and args[0].device == device
+                    and to_host(name, args, kwargs)):
+                frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if "hf_ispasp" in f.filename), None)
+                counts[f"{name} {Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else name] += 1
+            return func(*args, **kwargs)
+
+    with Reads():
+        run()
+    return [{"site": site, "count": count} for site, count in counts.most_common(top)]
+
+
 def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int, length: int, batch_size: int,
                   top: int) -> dict[str, Any]:
-    """One warm-up prune, one timed prune, one profiled prune of ``shape``; the profile's summary."""
+    """One warm-up prune, one timed prune, one profiled prune and one with its reads counted (:func:`read_sites`)
+    of ``shape``; the profile's summary."""
     import torch
     from engine_shapes import _batches, _config, _model, _sync, _vocab
     from torch.profiler import ProfilerActivity, profile
@@ -64,6 +102,7 @@ def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int,
         profiled = ISpaSPPruner(model, _config())
         profiled.prune(batches)
         _sync(device)
+    sites = read_sites(lambda: ISpaSPPruner(model, _config()).prune(batches), device, top)
     events = prof.key_averages()
     busy = sum(_device_time(e) for e in events if e.device_type.name == "CUDA") / 1e6
     syncs = {e.key: int(e.count) for e in events if e.key in SYNCS}
@@ -82,7 +121,7 @@ def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int,
         "profiled_prune_s": profiled.report.seconds, "device_busy_s": busy,
         "host_syncs": syncs, "kernels": sum(int(e.count) for e in events if e.device_type.name == "CUDA"),
         "by_device_time": rows(_device_time) if device.type == "cuda" else [],
-        "by_host_time": rows(lambda e: e.self_cpu_time_total),
+        "by_host_time": rows(lambda e: e.self_cpu_time_total), "read_sites": sites,
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
 
@@ -102,6 +141,10 @@ def report(records: list[dict[str, Any]]) -> str:
                      f"{r['selection_s']:.2f} | {r['profiled_prune_s']:.2f} | {r['device_busy_s']:.2f} | "
                      f"{r['kernels']} | {syncs} |")
     for r in records:
+        if r.get("read_sites"):
+            lines += ["", f"Reads of {r['device']} values back to the host by call site (a wait on an accelerator), "
+                      f"{r['shape']} {r['dtype']}:", "", "| call site | count |", "|---|---|"]
+            lines += [f"| `{row['site']}` | {row['count']} |" for row in r["read_sites"]]
         for title, key in (("device", "by_device_time"), ("host", "by_host_time")):
             if not r[key]:
                 continue

@@ -113,6 +113,8 @@ def test_engine_profile(tmp_path: Path) -> None:
     assert rec["prune_s"] > 0 and rec["profiled_prune_s"] > 0 and rec["device_busy_s"] == 0
     assert rec["host_syncs"]["aten::item"] > 0 and len(rec["by_host_time"]) == 3 and rec["by_device_time"] == []
     assert "| tiny | float32 |" in (tmp_path / "engine_profile.md").read_text()
+    # the read sites name the library's own frames (here CPU reads; on a GPU the waits)
+    assert rec["read_sites"] and all(".py:" in row["site"] and row["count"] > 0 for row in rec["read_sites"])
 
 
 def test_inference_speed(tmp_path: Path) -> None:
