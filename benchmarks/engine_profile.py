@@ -42,12 +42,18 @@ def _device_time(event: Any) -> float:
 
 # Tensor calls that return values to Python: on an accelerator each one waits for the device
 READS = frozenset({"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "equal", "numpy", "cpu", "to"})
+# Calls that wait for a CUDA device without returning a value: a result whose shape depends on the data, or a
+# factorisation that checks its status (the ``_ex`` variants do not). Counted on any device, so a CPU run names
+# these sites as well (as ``wait <name>``).
+WAITS = frozenset({"nonzero", "masked_select", "unique", "bincount", "repeat_interleave", "linalg_eigh",
+                   "linalg_solve", "linalg_inv", "linalg_cholesky"})
 
 
 def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
     """Run ``run()`` and count where it reads values of tensors on ``device`` back to the host, per innermost
     hf_ispasp frame (``file:line function``): the synchronisations of a prune, by call site. ``to`` counts only
-    copies to the CPU."""
+    copies to the CPU; ``wait`` sites (:data:`WAITS`, boolean-mask indexing) are calls that synchronise on a
+    CUDA device though they return no value."""
     import collections
     import traceback
 
@@ -62,14 +68,27 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
         targets = [*args[1:], kwargs.get("device")]
         return any(str(t) == "cpu" for t in targets if isinstance(t, (str, torch.device)))
 
+    def waits(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if name == "repeat_interleave":  # only with per-element repeats (a tensor)
+            return len(args) > 1 and isinstance(args[1], torch.Tensor) or isinstance(kwargs.get("repeats"),
+                                                                                   torch.Tensor)
+        if name == "__getitem__":  # a boolean mask index has a data-dependent shape
+            index = args[1] if len(args) > 1 else None
+            parts = index if isinstance(index, tuple) else (index,)
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
+        return name in WAITS
+
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             name = getattr(func, "__name__", "")
-            if (name in READS and args and isinstance(args[0], torch.Tensor) and args[0].device == device
-                    and to_host(name, args, kwargs)):
+            on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device == device
+            kind = ("" if name in READS and to_host(name, args, kwargs) else
+                    "wait " if waits(name, args, kwargs) else None) if on_device else None
+            if kind is not None:
                 frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if "hf_ispasp" in f.filename), None)
-                counts[f"{name} {Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else name] += 1
+                where = f" {Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else ""
+                counts[f"{kind}{name}{where}"] += 1
             return func(*args, **kwargs)
 
     with Reads():
@@ -141,7 +160,8 @@ def report(records: list[dict[str, Any]]) -> str:
                      f"{r['kernels']} | {syncs} |")
     for r in records:
         if r.get("read_sites"):
-            lines += ["", f"Reads of {r['device']} values back to the host by call site (a wait on an accelerator), "
+            lines += ["", f"Reads of {r['device']} values back to the host by call site (a wait on an accelerator; "
+                      "'wait': a call that waits on a CUDA device without returning a value), "
                       f"{r['shape']} {r['dtype']}:", "", "| call site | count |", "|---|---|"]
             lines += [f"| `{row['site']}` | {row['count']} |" for row in r["read_sites"]]
         for title, key in (("device", "by_device_time"), ("host", "by_host_time")):

@@ -83,11 +83,22 @@ def accumulation_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry of ``tensor`` is finite. A finite sum proves it (an inf or NaN entry makes the sum inf or
-    NaN), so the exact elementwise check runs only when the sum is not finite (an entry is, or the sum overflowed):
-    one fast reduction instead of a boolean copy and a scan, 20x faster on a CPU."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite. A finite sum proves it (an inf or NaN entry makes the sum inf
+    or NaN), so the exact elementwise check runs only for a tensor whose sum is not finite (an entry is, or the sum
+    overflowed): one fast reduction instead of a boolean copy and a scan, 20x faster on a CPU. The sums of the
+    tensors on one device are read back together: one host read (a synchronisation on an accelerator) per device,
+    not one per tensor."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(t.sum()) for t in group])
+        if bool(finite.all()):
+            continue
+        if not all(ok or bool(torch.isfinite(t).all()) for t, ok in zip(group, finite.tolist(), strict=True)):
+            return False
+    return True
 
 
 @dataclass
@@ -130,6 +141,7 @@ class BlockStatistics:
     _pending: dict[bool, tuple[torch.Tensor, int]] = field(default_factory=dict, repr=False)  # fold 0?: buffer, rows
     _compensation: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _mirrored: bool = field(default=True, repr=False)  # False: the Gram sums hold only their lower blocks
+    _counts: tuple[float, float, float] | None = field(default=None, repr=False)  # host copy, see host_counts()
     _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
 
     _SHAPES: ClassVar[dict[str, int]] = {
@@ -176,6 +188,7 @@ class BlockStatistics:
         if self.dtype != torch.float64:  # a float64 sum adds lower-precision values exactly, without a copy
             total, gram = total.to(self.dtype), gram.to(self.dtype)
         count = float(rows.shape[0])  # a Python number: no host-to-device copy per batch
+        self._counts = None
         self._add("count", count)
         self._add("total", total)
         if gram is not None:
@@ -242,9 +255,24 @@ class BlockStatistics:
         target.copy_(t)
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors to sum across processes."""
+        """The tensors to sum across processes (the caller may change them in place)."""
         self.finish()
+        self._counts = None
         return [getattr(self, name) for name in self._SHAPES]
+
+    def host_counts(self) -> tuple[float, float, float]:
+        """``(count, fold_count, unassigned)`` as Python numbers, read from the device once and kept until the sums
+        change (:meth:`update`, :meth:`tensors`): a selection reads the token count a dozen times, and on an
+        accelerator every read is a synchronisation."""
+        if self._counts is None:
+            values = torch.stack([self.count, self.fold_count, self.unassigned]).tolist()
+            self._counts = (float(values[0]), float(values[1]), float(values[2]))
+        return self._counts
+
+    @property
+    def rows(self) -> float:
+        """The number of rows (tokens) summed: ``count`` as a Python number (:meth:`host_counts`)."""
+        return self.host_counts()[0]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockStatistics:
         """A copy on ``device`` in ``dtype`` (selection may run in another precision than accumulation)."""
@@ -258,7 +286,7 @@ class BlockStatistics:
 
     def is_finite(self) -> bool:
         self.finish()
-        return all_finite(self.total) and all_finite(self.gram)
+        return all_finite(self.total, self.gram)
 
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
@@ -269,7 +297,8 @@ class BlockStatistics:
         (read it, do not add to it).
         """
         self.finish()
-        if float(self.unassigned) > 0 or float(self.fold_count) <= 0 or float(self.fold_count) >= float(self.count):
+        count, fold_count, unassigned = self.host_counts()
+        if unassigned > 0 or fold_count <= 0 or fold_count >= count:
             return None
         dtype = self.dtype if dtype is None else dtype
         second = torch.empty(self.gram.shape, dtype=dtype, device=self.gram.device)
@@ -295,7 +324,7 @@ TRUSTED_SUPPORT_ROWS_PER_COLUMN = 4.0
 def well_posed(stats: BlockStatistics, rows_per_column: float = WELL_POSED_ROWS_PER_COLUMN) -> bool:
     """At least ``rows_per_column`` rows per column: no (near-)zero directions in the Gram matrix from too few
     rows, so a least-squares re-fit does not interpolate the calibration tokens."""
-    return float(stats.count) >= rows_per_column * stats.width
+    return stats.rows >= rows_per_column * stats.width
 
 
 def selection_precision(stats: BlockStatistics, requested: str = "auto") -> tuple[torch.dtype, torch.dtype]:
@@ -686,7 +715,7 @@ class _Problem:
         ``path``: receives ``(groups kept, residual after re-fit)`` at the start and after every chunk (the
         residual curve of :func:`residual_curve`); ``steps``: the number of chunks.
         """
-        g, n = self.group_size, max(float(self.stats.count), 1.0)
+        g, n = self.group_size, max(self.stats.rows, 1.0)
         cov = _moments(self.stats, centered)[1]
         support = torch.sort(merged).values
         cols = group_columns(support, g)
@@ -732,6 +761,13 @@ class _Problem:
         # inv and coef keep the merged support's size: rows and columns of the groups that left are stale and never
         # read again (positions: where the kept groups sit in them), so no downdate gathers a kept x kept copy
         positions = torch.arange(len(support), device=support.device)
+        failures: list[torch.Tensor] = []  # solver status per chunk, read once at the end (not a wait per chunk)
+
+        def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            solution, info = torch.linalg.solve_ex(a, b)
+            failures.append(info.reshape(-1))
+            return solution
+
         while len(kept) > keep:
             m = len(kept)
             live = group_columns(positions, g)
@@ -741,7 +777,7 @@ class _Problem:
             else:
                 blocks = len(support)
                 pb = torch.diagonal(inv.reshape(blocks, g, blocks, g), dim1=0, dim2=2).permute(2, 0, 1)[positions]
-                cost = (zb * torch.linalg.solve(pb, zb)).sum((1, 2))
+                cost = (zb * solve(pb, zb)).sum((1, 2))
             if anchored:  # the augmented objective charges ridge ||W_j||^2 for a dropped group; the true one not
                 cost = cost - ridge * _group_sum(column_sq[group_columns(kept, g)], g)
             order = torch.argsort(cost, stable=True)
@@ -757,7 +793,7 @@ class _Problem:
             idx = group_columns(positions[drop], g)
             p_j = inv[:, idx]  # P[:, D]: the only gather, n x |D|
             leaving_coef = coef[idx]
-            solved = torch.linalg.solve(p_j[idx], torch.cat([p_j.T, leaving_coef], 1))
+            solved = solve(p_j[idx], torch.cat([p_j.T, leaving_coef], 1))
             # The objective grows by exactly tr(Z_D^T P_DD^-1 Z_D) (the joint OBS cost of the chunk).
             augmented = augmented + (leaving_coef * solved[:, inv.shape[0] :]).sum()  # no host read per chunk
             # Schur downdate in place, one fused multiply-subtract each: exact on the rows and columns that stay
@@ -766,6 +802,11 @@ class _Problem:
             kept, positions = kept[stay], positions[stay]
             if path is not None:
                 path.append((len(kept), objective()))
+        if failures and bool(torch.cat(failures).any()):
+            raise torch.linalg.LinAlgError(
+                "refit_threshold: a downdate's pivot block is singular (the kept covariance is numerically "
+                "rank-deficient in this precision)"
+            )
         return kept, objective()
 
 
@@ -914,7 +955,7 @@ def select_groups(
         support = _topk_groups(wanda_sp_scores(torch.diagonal(stats.gram), problem.weight, group_size), keep,
                                partitions=p)
     elif selection == "flap":
-        scores = flap_scores(float(stats.count), stats.total, torch.diagonal(stats.gram), problem.weight, group_size)
+        scores = flap_scores(stats.rows, stats.total, torch.diagonal(stats.gram), problem.weight, group_size)
         support = _topk_groups(scores, keep, partitions=p)
     elif selection == "ispasp":
         static = None if threshold in ("residual", "refit") else problem.static_score(threshold)
@@ -986,7 +1027,7 @@ def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torc
     The mean's outer product is subtracted a block of rows at a time, in place: one width^2 matrix is formed, not
     three (the same values as ``gram / n - outer(mean, mean)``).
     """
-    n = max(float(stats.count), 1.0)
+    n = max(stats.rows, 1.0)
     mean = stats.total / n
     moment = stats.gram / n
     if centered:
@@ -1027,7 +1068,7 @@ def refit_projection(
     """
     w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
-    if float(stats.count) <= 0:
+    if stats.rows <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
     mean, moment = _moments(stats, centered=bias is not None) if moments is None else moments
     if anchored and math.isinf(damping):
@@ -1065,7 +1106,7 @@ def residual_after_refit(
     """
     w = _matching(weight, stats)
     cols = group_columns(groups, group_size)
-    n = float(stats.count)
+    n = stats.rows
     if n <= 0:
         return 0.0
     diff = w.clone()
@@ -1127,7 +1168,7 @@ def _fold(half: BlockStatistics, centered: bool, w: torch.Tensor, gram_w: torch.
     mean, cov = _moments(half, centered)
     cov_w, cov_ss, unit = cov[cols] @ w.T, _submatrix(cov, cols, cols), torch.diagonal(cov).mean().clamp_min(0)
     total = cov.mul_(gram_w).sum()  # tr(W C W^T) = sum(C * W^T W), in C's own memory (C is not needed after)
-    return Fold(mean, float(half.count), cov_w, cov_ss, total, unit)
+    return Fold(mean, half.rows, cov_w, cov_ss, total, unit)
 
 
 def validate_refit(
@@ -1160,7 +1201,7 @@ def validate_refit(
     halves = stats.halves(dtype)
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
-    n = float(stats.count)
+    n = stats.rows
     centered = bias is not None
     folds = [_fold(half, centered, w, gram_w, cols) for half in halves]
     del halves  # the second half's width^2 sums are not needed any more

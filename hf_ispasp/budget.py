@@ -380,7 +380,7 @@ def _layer_curves(adapter: Any, index: int, layer: nn.Module, cache: ActivationC
         # decoder whose first layer writes 10^5 times the energy of the embeddings, the layer input alone would
         # make that layer's FFN look 10^5 times costlier than everything after it. Post-norm: the layer input
         # (the previous layer's normalised output) is the scale; chosen by measurement (BENCHMARKS.md, budgets).
-        positions = max(float(stats.count), 1.0)
+        positions = max(stats.rows, 1.0)
         if not adapter.post_norm:
             per_position += output_energy(stats, weight, bias) / positions
         scale = per_position * positions

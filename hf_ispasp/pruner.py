@@ -396,7 +396,7 @@ class ISpaSPPruner:
         if compensate and pruning and fitted is None:
             # FLAP's baseline bias: W_S kept, the dropped columns' mean output added to the bias (the anchored
             # re-fit at an infinite ridge, hence reported with ridge inf).
-            mean = stats.total / max(float(stats.count), 1.0)
+            mean = stats.total / max(stats.rows, 1.0)
             columns = group_columns(result.groups, block.group_size).to(mean.device)
             fitted = mean_compensation(_like_stats(weight, stats), _like_stats(bias, stats), mean, columns)
             after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
@@ -518,7 +518,7 @@ class ISpaSPPruner:
 
         Checked per block (rows are summed over processes; a CNN block has one row per pixel position).
         """
-        tokens, columns = int(stats.count), int(stats.width)
+        tokens, columns = int(stats.rows), int(stats.width)
         if tokens >= columns or "small" in self._warned:
             return
         self._warned.add("small")
@@ -539,10 +539,10 @@ class ISpaSPPruner:
         if "unvalidated" in self._warned:
             return
         self._warned.add("unvalidated")
-        if float(stats.unassigned) > 0:
+        if stats.host_counts()[2] > 0:
             why = f"the input of {block.name} does not keep the batch in dimension 0, so it cannot be split"
         else:
-            why = (f"all {int(stats.count)} calibration tokens come from sequences of one half (e.g. a single "
+            why = (f"all {int(stats.rows)} calibration tokens come from sequences of one half (e.g. a single "
                    "sequence), so there is no held-out data")
         logger.warning(
             "i-SpaSP: the re-fit cannot be validated: %s. Such blocks are pruned without re-fit (and the `refit` "
@@ -569,7 +569,10 @@ def _check_model(model: nn.Module) -> None:
         return  # weights live in accelerate's offload maps; they are checked as each layer is loaded
     if any(p.device.type == "meta" for p in params):
         raise ValueError("the model has weights on the 'meta' device; load real weights before pruning")
-    bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not all_finite(p)]
+    named = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point()]
+    if all_finite(*(p for _, p in named)):  # one host read per device, not one per parameter
+        return
+    bad = [n for n, p in named if not all_finite(p)]
     if bad:
         raise ValueError(f"the model has NaN/inf weights in {bad[:5]}; it cannot be calibrated")
 

@@ -540,8 +540,11 @@ def propagate(
 ) -> None:
     """Replace every cached input by the output of ``layer`` (already pruned): the next layer's inputs.
 
-    Entries marked ``resumed`` hold the input of ``resume.entry`` and only run ``resume.tail``.
+    Entries marked ``resumed`` hold the input of ``resume.entry`` and only run ``resume.tail``. The outputs are
+    checked for NaN/inf once the layer has run on every batch, in one host read (per batch, each read would be a
+    synchronisation on an accelerator); a batch whose sum is not finite is then checked exactly.
     """
+    sums = []
     for index in range(len(cache)):
         entry = cache[index]
         args, kwargs = to_device(entry["args"], device), to_device(entry["kwargs"], device)
@@ -551,10 +554,18 @@ def propagate(
             hidden = resume.tail(adapter.layer_hidden_states(args, kwargs))
         else:
             hidden = adapter.layer_output(layer(*args, **kwargs))
-        if not all_finite(hidden):
-            raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
+        sums.append(hidden.sum().to(device))
         entry["args"], entry["kwargs"] = adapter.replace_hidden_states(entry["args"], entry["kwargs"], hidden)
         cache[index] = entry
+    if not sums:
+        return
+    finite = torch.isfinite(torch.stack(sums)).tolist()
+    for index, ok in enumerate(finite):
+        if not ok:
+            entry = cache[index]
+            hidden = adapter.layer_hidden_states(to_device(entry["args"], device), to_device(entry["kwargs"], device))
+            if not all_finite(hidden):
+                raise CalibrationError("a pruned layer produced NaN/inf on the calibration data")
 
 
 def hidden_energy(adapter: ModelAdapter, cache: ActivationCache, device: torch.device) -> torch.Tensor:

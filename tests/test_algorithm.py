@@ -457,6 +457,49 @@ def test_all_finite():
     assert torch.isinf(big.sum()) and all_finite(big)
     mixed = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, not inf
     assert not all_finite(mixed)
+    # several tensors: one read for all of them, the same answer as one check each
+    y = x.clone()
+    y[0, 0] = float("nan")
+    assert all_finite(x, big, x.to(torch.bfloat16)) and all_finite()
+    assert not all_finite(x, big, y) and not all_finite(y, x)
+
+
+def test_host_counts_follow_the_sums():
+    """The token counts read once per block are those of the sums, also after they change (a batch, a reduction
+    across processes through ``tensors()``)."""
+    stats = BlockStatistics(4)
+    assert stats.host_counts() == (0.0, 0.0, 0.0) and stats.rows == 0.0
+    stats.update(torch.randn(5, 4), fold=0)
+    stats.update(torch.randn(3, 4), fold=1)
+    assert stats.host_counts() == (8.0, 5.0, 0.0)
+    stats.update(torch.randn(2, 4))
+    assert stats.host_counts() == (10.0, 5.0, 2.0)
+    for tensor in stats.tensors():  # what a sum over two processes does to them
+        tensor.mul_(2)
+    assert stats.host_counts() == (20.0, 10.0, 4.0) and stats.rows == float(stats.count)
+    folded = BlockStatistics(4)
+    folded.update(torch.randn(12, 4), fold=0)
+    folded.update(torch.randn(18, 4), fold=1)
+    first, second = folded.halves(torch.float32)
+    assert (first.rows, second.rows) == (12.0, 18.0) and second.rows == float(second.count)
+
+
+def test_refit_threshold_raises_on_a_singular_downdate(monkeypatch):
+    """The downdates' solver status is read once, after the elimination: a failed solve still raises
+    ``LinAlgError`` (the pruner then selects again in float64)."""
+    h, w, _ = _planted()
+    stats = _stats(h)
+    real = torch.linalg.solve_ex
+
+    def failing(a, b):
+        solution, info = real(a, b)
+        return solution, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "solve_ex", failing)
+    with pytest.raises(torch.linalg.LinAlgError, match="singular"):
+        select_groups(stats, w, 1, 6, threshold="refit")
+    monkeypatch.setattr(torch.linalg, "solve_ex", real)
+    assert len(select_groups(stats, w, 1, 6, threshold="refit").groups) == 6
 
 
 def test_a_given_output_energy_measures_the_refit_residual_on_the_dropped_columns():

@@ -117,6 +117,28 @@ def test_engine_profile(tmp_path: Path) -> None:
     assert rec["read_sites"] and all(".py:" in row["site"] and row["count"] > 0 for row in rec["read_sites"])
 
 
+def test_read_sites_count_implicit_waits() -> None:
+    """Calls that wait for a CUDA device without returning a value (data-dependent shapes, checked factorisations)
+    are counted as ``wait`` sites on any device; value-free calls with static shapes are not."""
+    import engine_profile
+    import torch
+
+    x = torch.randn(6, 6)
+
+    def run() -> None:
+        torch.nonzero(x > 0)
+        _ = x[x > 0]
+        x.repeat_interleave(torch.tensor([1, 2, 1, 1, 1, 1]), dim=0)
+        x.repeat_interleave(2, dim=0)  # a static shape: no wait
+        torch.linalg.eigh(x @ x.T)
+        torch.linalg.solve_ex(x @ x.T + torch.eye(6), x)  # the status is returned, not checked: no wait
+        x.sum().item()
+
+    sites = {row["site"]: row["count"] for row in engine_profile.read_sites(run, x.device, 50)}
+    assert sites == {"wait nonzero": 1, "wait __getitem__": 1, "wait repeat_interleave": 1, "wait linalg_eigh": 1,
+                     "item": 1}
+
+
 def test_inference_speed(tmp_path: Path) -> None:
     import inference_speed
 

@@ -304,6 +304,36 @@ def test_failure_part_way_restores_layers_without_model_copy(monkeypatch):
     assert set(copied) == {"BertLayer"}
 
 
+def test_non_finite_propagation_found_after_the_layer(monkeypatch):
+    """The pruned layer's outputs are checked for NaN/inf in one read after all batches: a NaN in a later batch
+    still fails the prune with CalibrationError, and the caller's model is untouched."""
+    from hf_ispasp.statistics import CalibrationError
+
+    model = tiny_text_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = ISpaSPPruner._prune_block
+    calls = []
+
+    def poison_second_batch(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 2 else output
+
+    def hooked(self, adapter, block, stats, generator):
+        report = original(self, adapter, block, stats, generator)
+        if block.layer == 0 and block.kind == "ffn":  # layer 0 is the pruned copy now; propagation runs next
+            adapter.layers()[0].output.register_forward_hook(poison_second_batch)  # run whole or resumed
+        return report
+
+    monkeypatch.setattr(ISpaSPPruner, "_prune_block", hooked)
+    data = token_batches()
+    assert len(data) >= 2
+    with pytest.raises(CalibrationError, match="pruned layer produced NaN/inf"):
+        _prune(model, data)
+    assert len(calls) >= 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_activation_cache_tiers(caplog):
     cache = ActivationCache("auto", "cpu")
     entry = {"args": (torch.ones(4, 8),), "kwargs": {"mask": torch.ones(4)}, "folds": torch.zeros(4)}
