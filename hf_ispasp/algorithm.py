@@ -114,12 +114,15 @@ class BlockStatistics:
     difference. That doubles the memory (2 x width^2), never more. Rows added without a fold are counted in
     ``unassigned``; the halves are then unavailable.
 
-    ``panels`` (a CPU block of 512 columns or more, float64 sums): each batch adds only the blocks on and below
-    the diagonal of its Gram matrix, and :meth:`finish` mirrors them once after the last batch. The sums are
-    those of whole symmetric matrices bit for bit (every entry is added the same values in the same order), with
-    half the additions and no per-batch mirroring; anything that reads the sums finishes them first.
+    ``panels`` (float64 sums of a CPU block of 512 columns or more, or of an accelerator's from
+    :data:`_DEVICE_PANEL_WIDTH`): each batch adds only the blocks on and below the diagonal of its Gram matrix,
+    and :meth:`finish` mirrors them once after the last batch. On a CPU the sums are those of whole symmetric
+    matrices bit for bit (every entry is added the same values in the same order), with half the additions and
+    no per-batch mirroring; on an accelerator they agree to float32 rounding (the BLAS may sum a panel's entries
+    in another order than the whole product's), with about half the products and no width^2 float32 product
+    per batch. Anything that reads the sums finishes them first.
 
-    ``deferred_rows`` (with ``panels``): the rows of each fold are copied into a buffer of that many rows and
+    ``deferred_rows`` (with ``panels``, on a CPU): the rows of each fold are copied into a buffer of that many rows and
     multiplied when it is full, so a CPU's products run at large-matrix speed and the float64 sums take one
     addition per buffer instead of one per batch (a few hundred real tokens per batch and fold: 1.45x faster at
     width 1536). The products stay float32 and the sums float64; only how rows are grouped into products changes,
@@ -177,11 +180,12 @@ class BlockStatistics:
         rows = hidden.reshape(-1, self.width).to(device=self.device)
         if rows.shape[0] == 0:
             return
-        panels = self.panels and _by_blocks(rows) and self.dtype == torch.float64
+        block = _panel_block(rows) if self.panels and self.dtype == torch.float64 else None
         with ieee_float32():
-            if panels:
-                rows = rows.to(dtype)
-                total, gram = rows.sum(0), None
+            if block is not None:
+                if not _half_product(rows, dtype):  # half-precision rows stay so: their panels use out_dtype
+                    rows = rows.to(dtype)
+                total, gram = rows.sum(0, dtype=dtype), None
                 self._defer(rows, fold == 0)
             else:
                 total, gram = _sums(rows, dtype)
@@ -204,14 +208,14 @@ class BlockStatistics:
     def _add_panels(self, rows: torch.Tensor, fold_zero: bool) -> None:
         """Add the blocks on and below the diagonal of ``rows^T rows`` to the Gram sums (see ``panels``)."""
         self._mirrored = False
-        for start, end, panel in _lower_panels(rows):
+        for start, end, panel in _lower_panels(rows, _panel_block(rows) or _GRAM_BLOCK):
             self.gram[start:, start:end] += panel
             if fold_zero:
                 self.fold_gram[start:, start:end] += panel
 
     def _defer(self, rows: torch.Tensor, fold_zero: bool) -> None:
         """Copy ``rows`` into their fold's buffer of ``deferred_rows`` rows; add the product of every full buffer."""
-        size = self.deferred_rows
+        size = self.deferred_rows if _defers_rows(rows) else 0
         if size <= 0:
             self._add_panels(rows, fold_zero)
             return
@@ -353,8 +357,7 @@ def _sums(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     this is the float32 product of the same values, without first widening the whole activation batch and at
     tensor-core speed instead of IEEE float32 speed (about 20x on an H100).
     """
-    half = rows.dtype in (torch.bfloat16, torch.float16)
-    if half and dtype == torch.float32 and rows.is_cuda and _half_products_available(rows.device):
+    if _half_product(rows, dtype):
         return rows.sum(0, dtype=torch.float32), torch.mm(rows.T, rows, out_dtype=torch.float32)
     rows = rows.to(dtype)
     return rows.sum(0), _gram(rows)
@@ -365,6 +368,33 @@ def _gram(rows: torch.Tensor) -> torch.Tensor:
     if _by_blocks(rows):
         return _symmetric_gram(rows)
     return rows.T @ rows
+
+
+def _half_product(rows: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether float32 products of ``rows`` run on half-precision inputs with float32 results (see :func:`_sums`)."""
+    half = rows.dtype in (torch.bfloat16, torch.float16)
+    return half and dtype == torch.float32 and rows.is_cuda and _half_products_available(rows.device)
+
+
+# On an accelerator, from this width a batch's Gram sums are added as lower panels of this many columns: about half
+# the multiply-adds of the whole product (the FFN Gram matrices are most of the calibration's device time) and a
+# panel-sized product instead of a width^2 float32 one (37.7 MB at width 3072, 485 MB at 11008) on top of the sums.
+_DEVICE_PANEL_WIDTH = 2048
+_DEVICE_GRAM_BLOCK = 512  # a multiple of _GRAM_BLOCK: _mirror_lower completes either
+
+
+def _panel_block(rows: torch.Tensor) -> int | None:
+    """Columns per block where a batch's Gram sums are added as lower panels (``BlockStatistics.panels``), or
+    ``None``: one whole product."""
+    if rows.device.type == "cpu":
+        return _GRAM_BLOCK if _by_blocks(rows) else None
+    return _DEVICE_GRAM_BLOCK if rows.shape[1] >= _DEVICE_PANEL_WIDTH else None
+
+
+def _defers_rows(rows: torch.Tensor) -> bool:
+    """Whether panel sums buffer rows (``BlockStatistics.deferred_rows``): on a CPU; an accelerator's products are
+    fast enough per batch, and a buffer would add its memory."""
+    return rows.device.type == "cpu"
 
 
 def _by_blocks(rows: torch.Tensor) -> bool:
@@ -393,12 +423,15 @@ def _symmetric_gram(rows: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _lower_panels(rows: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, end, panel)``: rows ``start:`` of columns ``start:end`` of ``rows^T rows``, block by block."""
+def _lower_panels(rows: torch.Tensor, block: int = _GRAM_BLOCK) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, panel)``: rows ``start:`` of columns ``start:end`` of ``rows^T rows``, ``block`` columns at a
+    time; float32 panels of half-precision rows (tensor-core products, see :func:`_sums`)."""
     width = rows.shape[1]
-    for start in range(0, width, _GRAM_BLOCK):
-        end = min(start + _GRAM_BLOCK, width)
-        yield start, end, rows[:, start:].T @ rows[:, start:end]
+    half = rows.dtype in (torch.bfloat16, torch.float16)
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        left, right = rows[:, start:].T, rows[:, start:end]
+        yield start, end, torch.mm(left, right, out_dtype=torch.float32) if half else left @ right
 
 
 def _mirror_lower(matrix: torch.Tensor) -> None:

@@ -398,6 +398,49 @@ def test_panel_sums_equal_whole_gram_sums_bit_for_bit(width):
     assert torch.equal(again.to().gram, again.gram.T)  # to() finishes too
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_accelerator_panel_sums_agree_with_whole_sums(monkeypatch, half):
+    """An accelerator's wide blocks (``_DEVICE_PANEL_WIDTH``) add 512-column lower panels per batch, without
+    deferring rows, half-precision rows through float32-result products: the sums agree with whole Gram sums to
+    float32 rounding and are exactly symmetric once read. Run on the CPU with the accelerator's choices forced."""
+    import hf_ispasp.algorithm as algorithm
+
+    width = algorithm._DEVICE_PANEL_WIDTH + 52
+    monkeypatch.setattr(algorithm, "_panel_block",
+                        lambda rows: algorithm._DEVICE_GRAM_BLOCK if rows.shape[1] >= width else None)
+    monkeypatch.setattr(algorithm, "_defers_rows", lambda rows: False)
+    products = []
+    if half:
+        real_mm = torch.mm
+
+        def mm(a, b, out_dtype=None):  # what CUDA's out_dtype product computes: exact products, float32 sums
+            products.append(out_dtype)
+            return real_mm(a.float(), b.float()) if out_dtype is not None else real_mm(a, b)
+
+        monkeypatch.setattr(algorithm, "_half_product", lambda rows, dtype: rows.dtype == torch.bfloat16)
+        monkeypatch.setattr(torch, "mm", mm)
+    gen = torch.Generator().manual_seed(2)
+    whole = BlockStatistics(width)
+    panels = BlockStatistics(width, panels=True, deferred_rows=64)
+    for i in range(4):
+        rows = torch.randn(40 + i, width, generator=gen) + 0.1
+        if half:
+            rows = rows.to(torch.bfloat16)
+        panels.update(rows, fold=i % 2)
+        whole.update(rows.float(), fold=i % 2)
+        assert not panels._pending  # nothing is deferred off the CPU's path
+    assert not torch.equal(panels.gram, panels.gram.T)  # lower panels only, until read
+    assert len(products) == (4 * -(-width // algorithm._DEVICE_GRAM_BLOCK) if half else 0)
+    assert all(dtype == torch.float32 for dtype in products)
+    halves = panels.halves()
+    assert torch.equal(panels.gram, panels.gram.T) and torch.equal(panels.fold_gram, panels.fold_gram.T)
+    for name in ("count", "total", "fold_count", "fold_total"):
+        torch.testing.assert_close(getattr(panels, name), getattr(whole, name), rtol=1e-6, atol=1e-4)
+    for name in ("gram", "fold_gram"):
+        torch.testing.assert_close(getattr(panels, name), getattr(whole, name), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(halves[1].gram, whole.halves()[1].gram, rtol=1e-6, atol=1e-3)
+
+
 def test_deferred_rows_multiply_whole_buffers():
     """``deferred_rows``: a fold's rows are multiplied a full buffer at a time (the fold sums are exactly those of
     adding 64-row chunks), the rest when the sums are first read; counts and column sums are untouched, the Gram
