@@ -53,7 +53,8 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
     """Run ``run()`` and count where it reads values of tensors on ``device`` back to the host, per innermost
     hf_ispasp frame (``file:line function``): the synchronisations of a prune, by call site. ``to`` counts only
     copies to the CPU; ``wait`` sites (:data:`WAITS`, boolean-mask indexing) are calls that synchronise on a
-    CUDA device though they return no value."""
+    CUDA device though they return no value; ``h2d`` sites copy host tensors (or build tensors from Python data)
+    onto a non-CPU ``device``: from pageable memory each such copy waits for the stream too."""
     import collections
     import traceback
 
@@ -78,6 +79,20 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
             return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
         return name in WAITS
 
+    def to_device(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        if device.type == "cpu":
+            return False
+        if name in ("tensor", "as_tensor"):  # Python data (or a host tensor) made on the device
+            target = kwargs.get("device")
+            return target is not None and torch.device(target) == device
+        if not (args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"):
+            return False
+        if name == "cuda":
+            return device.type == "cuda"
+        targets = [*args[1:], kwargs.get("device")]
+        return name == "to" and any(isinstance(t, (str, torch.device)) and torch.device(t) == device
+                                    for t in targets)
+
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
@@ -85,6 +100,8 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
             on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device == device
             kind = ("" if name in READS and to_host(name, args, kwargs) else
                     "wait " if waits(name, args, kwargs) else None) if on_device else None
+            if kind is None and to_device(name, args, kwargs):
+                kind = "h2d "
             if kind is not None:
                 frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if "hf_ispasp" in f.filename), None)
                 where = f" {Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else ""
@@ -161,7 +178,8 @@ def report(records: list[dict[str, Any]]) -> str:
     for r in records:
         if r.get("read_sites"):
             lines += ["", f"Reads of {r['device']} values back to the host by call site (a wait on an accelerator; "
-                      "'wait': a call that waits on a CUDA device without returning a value), "
+                      "'wait': a call that waits on a CUDA device without returning a value; 'h2d': a copy onto the "
+                      "device, which waits for the stream from pageable host memory), "
                       f"{r['shape']} {r['dtype']}:", "", "| call site | count |", "|---|---|"]
             lines += [f"| `{row['site']}` | {row['count']} |" for row in r["read_sites"]]
         for title, key in (("device", "by_device_time"), ("host", "by_host_time")):

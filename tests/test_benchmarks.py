@@ -137,6 +137,19 @@ def test_read_sites_count_implicit_waits() -> None:
     sites = {row["site"]: row["count"] for row in engine_profile.read_sites(run, x.device, 50)}
     assert sites == {"wait nonzero": 1, "wait __getitem__": 1, "wait repeat_interleave": 1, "wait linalg_eigh": 1,
                      "item": 1}
+    # copies onto another device ('meta' stands in for an accelerator here): host tensors and Python data
+    meta = torch.device("meta")
+
+    def copies() -> None:
+        x.to(meta)
+        x.to(device=meta, dtype=torch.float64)
+        torch.tensor([1.0, 2.0], device=meta)
+        torch.tensor([1.0, 2.0])  # stays on the host: no copy
+        x.to(torch.float64)  # no device change
+        torch.empty(3, device=meta).to(meta)  # already there
+
+    sites = {row["site"]: row["count"] for row in engine_profile.read_sites(copies, meta, 50)}
+    assert sites == {"h2d to": 2, "h2d tensor": 1}
 
 
 def test_inference_speed(tmp_path: Path) -> None:
