@@ -1100,7 +1100,7 @@ def refit_projection(
     ``(mean, second moment)`` of ``stats`` as :func:`_moments` forms them, where the caller has them already.
     """
     w = _matching(weight, stats)
-    cols = group_columns(groups, group_size)
+    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
     if stats.rows <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
     mean, moment = _moments(stats, centered=bias is not None) if moments is None else moments
@@ -1138,7 +1138,7 @@ def residual_after_refit(
     ``stats`` where the caller has them already.
     """
     w = _matching(weight, stats)
-    cols = group_columns(groups, group_size)
+    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
     n = stats.rows
     if n <= 0:
         return 0.0
@@ -1227,7 +1227,7 @@ def validate_refit(
     ``stats.to(dtype=dtype)`` but without that copy of the sums (``weight_gram``, if given, is in ``dtype``).
     """
     dtype = stats.dtype if dtype is None else dtype
-    cols = group_columns(groups, group_size)
+    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     plain = _plain_residual(stats, gram_w, cols, dtype)
@@ -1324,7 +1324,7 @@ def validated_selection(
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return result, choice
         if not refit:  # plain selection's residual decides, and it needs no held-out halves
-            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size), dtype)
+            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size).to(gram_w.device), dtype)
             return (other, RefitChoice(None, plain, plain)) if plain <= choice.plain else (result, choice)
         if well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN):  # too many tokens to overfit
             return other, dataclasses.replace(choice, support_validated=False)
