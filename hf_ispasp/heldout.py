@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fold", "fold_scores"]
+__all__ = ["Fold", "fold_score", "fold_scores"]
 
 
 @dataclass
@@ -71,3 +71,30 @@ def fold_scores(
     *scores, score_inf = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
     by_ridge = dict(zip(finite, scores, strict=True))
     return {ridge: score_inf if math.isinf(ridge) else by_ridge[ridge] for ridge in ridges}
+
+
+def fold_score(
+    fit: Fold, test: Fold, w: torch.Tensor, centered: bool, cols: torch.Tensor, ridge: float, scale: float,
+) -> float | None:
+    """:func:`fold_scores` at one finite relative ridge, through one Cholesky solve instead of an
+    eigendecomposition (a tenth of its cost at k = 768 on a CPU); ``None`` where the factorisation fails (a
+    numerically indefinite system in this precision: the caller falls back to :func:`fold_scores`).
+
+    ``Z = (C_SS + r I)^-1 (C_S W^T + r W_S^T)`` is the anchored re-fit (``W'^T``) on ``fit``; the residual on ``test``
+    is ``n_test (tr(D C_test D^T) + ||D delta||^2)`` as there, expanded in the kept columns:
+    ``tr(W C W^T) - 2 tr(Z^T C_S W^T) + tr(Z^T C_SS Z)`` on the test half.
+    """
+    if math.isinf(ridge):
+        raise ValueError("fold_score takes a finite ridge (an infinite one keeps W_S: see fold_scores)")
+    r = ridge * scale * float(fit.unit) + 1e-12
+    system = fit.cov_ss.clone()
+    system.diagonal().add_(r)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        return None
+    w_s = w[:, cols].T  # (k x d)
+    z = torch.cholesky_solve(fit.cov_w + r * w_s, factor)
+    spread = test.total - 2 * (z * test.cov_w).sum() + (z * (test.cov_ss @ z)).sum()
+    delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
+    offset = (w @ delta - z.T @ delta[cols]).pow(2).sum()
+    return float(test.count * (spread.clamp_min(0) + offset))

@@ -266,6 +266,12 @@ def test_a_well_posed_block_keeps_the_refit_threshold_support_without_a_second_v
             assert torch.equal(result.groups, refit_support)
             first = validate_refit(stats, w, b, residual_support, 1)  # the ridge and residuals are this support's
             assert choice.ridge == first.ridge and choice.heldout == pytest.approx(first.heldout, rel=1e-9)
+        if refit and not trusted:  # the second validation: the re-fit threshold's support at the first's ridge only
+            first = validate_refit(stats, w, b, residual_support, 1)
+            second = validate_refit(stats, w, b, refit_support, 1, (first.ridge,))
+            wins = second.ridge is not None and second.heldout <= first.heldout
+            assert torch.equal(result.groups, refit_support if wins else residual_support)
+            assert choice.ridge == first.ridge and set(choice.scores) == ({first.ridge} if wins else set(REFIT_RIDGES))
 
 
 def test_validation_refuses_an_interpolating_refit_and_accepts_a_well_posed_one():
@@ -360,6 +366,33 @@ def test_validation_scores_are_the_explicit_held_out_residuals():
                 fitted = refit_projection(fit, w, bias, groups, 1, ridge * 45 / float(fit.count), anchored=True)
                 explicit += residual_after_refit(test, w, bias, groups, 1, *fitted)
             assert score == pytest.approx(explicit, rel=1e-9)
+            # one finite ridge: a Cholesky solve per fold instead of the eigenbasis, the same score
+            if ridge != float("inf"):
+                alone = validate_refit(stats, w, bias, groups, 1, (ridge,))
+                assert alone.scores[ridge] == pytest.approx(explicit, rel=1e-9)
+
+
+def test_one_ridge_validation_falls_back_to_the_eigenbasis(monkeypatch):
+    """Where the Cholesky factorisation of a fold's system fails, the one-ridge validation takes the
+    eigendecomposition path of a grid: the same score."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(60, 12, generator=gen, dtype=torch.float64) + 0.5
+    w = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)
+    stats = _split_stats(h)
+    groups = torch.tensor([1, 2, 5, 8, 11])
+    expected = validate_refit(stats, w, b, groups, 1)
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def failing(a, *args, **kwargs):
+        calls.append(1)
+        factor, info = real(a, *args, **kwargs)
+        return factor, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    alone = validate_refit(stats, w, b, groups, 1, (0.1,))
+    assert len(calls) == 2 and alone.scores[0.1] == pytest.approx(expected.scores[0.1], rel=1e-12)
 
 
 def test_a_float32_validation_of_float64_sums_equals_one_of_their_float32_copy():
