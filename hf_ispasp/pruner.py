@@ -495,8 +495,8 @@ class ISpaSPPruner:
         (:func:`hf_ispasp.algorithm.validated_selection`). Where no re-fit beats plain selection on held-out data,
         or the halves are unavailable, the support is the exact-residual one and nothing is re-fitted (the
         exact-residual threshold is the better no-re-fit rule: KL 0.047 vs 0.104 for `output` at 32 sequences,
-        0.052 vs 0.097 at 512). Costs one validation and one extra selection per block (a second validation,
-        with `refit`, where the block has fewer than 4 tokens per column)."""
+        0.052 vs 0.097 at 512). Costs one validation and one extra selection per block (a second validation at
+        one ridge, with `refit`, where the block has fewer than 4 tokens per column)."""
         config = self.config
 
         def select(threshold: str, damping: float | None, anchored: bool, gram_w: torch.Tensor | None,
