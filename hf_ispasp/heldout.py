@@ -88,15 +88,14 @@ def fold_score(
     """
     if math.isinf(ridge):
         raise ValueError("fold_score takes a finite ridge (an infinite one keeps W_S: see fold_scores)")
-    r = ridge * scale * float(fit.unit) + 1e-12
+    r = fit.unit * (ridge * scale) + 1e-12  # a device scalar: no host read, no copy onto the device
     system = fit.cov_ss.clone()
     system.diagonal().add_(r)
     factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        return None
-    w_s = w[:, cols].T  # (k x d)
-    z = torch.cholesky_solve(fit.cov_w + r * w_s, factor)
+    z = torch.cholesky_solve(fit.cov_w + r * w[:, cols].T, factor)  # garbage where info says it failed
     spread = test.total - 2 * (z * test.cov_w).sum() + (z * (test.cov_ss @ z)).sum()
     delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
     offset = (w @ delta - z.T @ delta[cols]).pow(2).sum()
-    return float(test.count * (spread.clamp_min(0) + offset))
+    score = test.count * (spread.clamp_min(0) + offset)
+    value, failed = torch.stack([score, info.to(score.dtype)]).tolist()  # one host read for both
+    return None if failed != 0 else float(value)
