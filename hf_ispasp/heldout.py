@@ -6,6 +6,7 @@ apart so the selection module stays small. This module knows nothing of transfor
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,13 @@ class Fold:
     cov_ss: torch.Tensor  # C[S, S]
     total: torch.Tensor  # tr(W C W^T): the residual of a zero re-fit on this half
     unit: torch.Tensor  # mean variance of the columns, the scale of the relative ridges
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(ridges: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ridge grid as a tensor on ``device``, made once: a tensor made from Python numbers on an accelerator is a
+    copy from pageable host memory, which waits for the stream (read-only: callers derive new tensors from it)."""
+    return torch.tensor(ridges, dtype=dtype, device=device)
 
 
 def fold_scores(
@@ -57,7 +65,7 @@ def fold_scores(
     unit = fit.unit
     # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
     finite = [r for r in ridges if not math.isinf(r)]
-    r = torch.tensor(finite, dtype=values.dtype, device=values.device) * scale * unit + 1e-12
+    r = _grid(tuple(finite), values.dtype, values.device) * scale * unit + 1e-12
     d = 1.0 / (values + r[:, None])  # (ridges x k)
     spread = total - 2 * (d * (lin[0] + r[:, None] * lin[1])).sum(1)
     spread = spread + sum(power * ((d @ q) * d).sum(1) for power, q in zip((1, r, r * r), quad, strict=True))
