@@ -527,9 +527,11 @@ def _group_sum(values: torch.Tensor, group_size: int) -> torch.Tensor:
     return values.reshape(-1, group_size).sum(-1)
 
 
-def group_columns(groups: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Column indices of the kept groups (groups are ``group_size`` consecutive columns)."""
-    groups = torch.as_tensor(groups).to(torch.long)
+def group_columns(groups: torch.Tensor, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Column indices of the kept groups (groups are ``group_size`` consecutive columns), on ``device`` (default:
+    the groups'). A selection's groups come back on the host; indexing device tensors with a host index copies it
+    at every gather (a stream wait on an accelerator), so callers that gather there ask for the columns there."""
+    groups = torch.as_tensor(groups).to(device=device, dtype=torch.long)
     return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).reshape(-1)
 
 
@@ -1103,7 +1105,7 @@ def refit_projection(
     ``(mean, second moment)`` of ``stats`` as :func:`_moments` forms them, where the caller has them already.
     """
     w = _matching(weight, stats)
-    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
+    cols = group_columns(groups, group_size, stats.gram.device)
     if stats.rows <= 0:
         raise ValueError("cannot re-fit without calibration tokens")
     mean, moment = _moments(stats, centered=bias is not None) if moments is None else moments
@@ -1141,7 +1143,7 @@ def residual_after_refit(
     ``stats`` where the caller has them already.
     """
     w = _matching(weight, stats)
-    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
+    cols = group_columns(groups, group_size, stats.gram.device)
     n = stats.rows
     if n <= 0:
         return 0.0
@@ -1230,7 +1232,7 @@ def validate_refit(
     ``stats.to(dtype=dtype)`` but without that copy of the sums (``weight_gram``, if given, is in ``dtype``).
     """
     dtype = stats.dtype if dtype is None else dtype
-    cols = group_columns(groups, group_size).to(stats.gram.device)  # one copy, not one per gather
+    cols = group_columns(groups, group_size, stats.gram.device)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     plain = _plain_residual(stats, gram_w, cols, dtype)
@@ -1338,7 +1340,7 @@ def validated_selection(
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return result, choice
         if not refit:  # plain selection's residual decides, and it needs no held-out halves
-            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size).to(gram_w.device), dtype)
+            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size, gram_w.device), dtype)
             return (other, RefitChoice(None, plain, plain)) if plain <= choice.plain else (result, choice)
         if well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN):  # too many tokens to overfit
             return other, dataclasses.replace(choice, support_validated=False)

@@ -397,7 +397,7 @@ class ISpaSPPruner:
             # FLAP's baseline bias: W_S kept, the dropped columns' mean output added to the bias (the anchored
             # re-fit at an infinite ridge, hence reported with ridge inf).
             mean = stats.total / max(stats.rows, 1.0)
-            columns = group_columns(result.groups, block.group_size).to(mean.device)
+            columns = group_columns(result.groups, block.group_size, mean.device)
             fitted = mean_compensation(_like_stats(weight, stats), _like_stats(bias, stats), mean, columns)
             after = residual_after_refit(stats, weight, bias, result.groups, block.group_size, *fitted)
             ridge, refit_rel = math.inf, (after / full if full > 0 else 0.0)
