@@ -63,6 +63,12 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
 
     counts: collections.Counter[str] = collections.Counter()
 
+    def same(other: Any) -> bool:
+        # "cuda" names the current CUDA device, which tensors report as "cuda:0": equal unless both name an index
+        other = torch.device(other)
+        return other.type == device.type and (other.index is None or device.index is None
+                                              or other.index == device.index)
+
     def to_host(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if name != "to":
             return True
@@ -84,20 +90,20 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
             return False
         if name in ("tensor", "as_tensor"):  # Python data (or a host tensor) made on the device
             target = kwargs.get("device")
-            return target is not None and torch.device(target) == device
+            return target is not None and same(target)
         if not (args and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"):
             return False
         if name == "cuda":
             return device.type == "cuda"
         targets = [*args[1:], kwargs.get("device")]
-        return name == "to" and any(isinstance(t, (str, torch.device)) and torch.device(t) == device
+        return name == "to" and any(isinstance(t, (str, torch.device)) and same(t)
                                     for t in targets)
 
     class Reads(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             name = getattr(func, "__name__", "")
-            on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device == device
+            on_device = bool(args) and isinstance(args[0], torch.Tensor) and same(args[0].device)
             kind = ("" if name in READS and to_host(name, args, kwargs) else
                     "wait " if waits(name, args, kwargs) else None) if on_device else None
             if kind is None and to_device(name, args, kwargs):

@@ -137,6 +137,10 @@ def test_read_sites_count_implicit_waits() -> None:
     sites = {row["site"]: row["count"] for row in engine_profile.read_sites(run, x.device, 50)}
     assert sites == {"wait nonzero": 1, "wait __getitem__": 1, "wait repeat_interleave": 1, "wait linalg_eigh": 1,
                      "item": 1}
+    # a device named with its index counts the tensors that report none, and the reverse ('cuda' against the
+    # 'cuda:0' of every CUDA tensor counted nothing on the H200)
+    indexed = {row["site"]: row["count"] for row in engine_profile.read_sites(run, torch.device("cpu", 0), 50)}
+    assert indexed == sites
     # copies onto another device ('meta' stands in for an accelerator here): host tensors and Python data
     meta = torch.device("meta")
 
