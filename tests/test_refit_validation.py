@@ -9,6 +9,7 @@ re-fit; with many tokens the re-fit must still help.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -448,3 +449,45 @@ def test_refit_threshold_at_width_reports_the_objective_of_its_support(group_siz
     objective += tokens * ridge * float((new_w - w[:, cols]).pow(2).sum())
     best = min(result.residual_history)  # the support kept is the iteration with the least objective
     torch.testing.assert_close(best, objective, rtol=1e-7, atol=0)
+
+
+# The grid's eigenbasis scores against the re-fit's own system, solved per ridge -------------------------------
+def _folds(dtype: torch.dtype, rows: int = 300, width: int = 40):
+    from hf_ispasp.algorithm import _fold, group_columns, weight_gram
+
+    gen = torch.Generator().manual_seed(3)
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64)
+    stats = _split_stats(torch.randn(rows, width, generator=gen, dtype=torch.float64) @ mix + 0.5)
+    w = torch.randn(6, width, generator=gen, dtype=torch.float64).to(dtype)
+    cols = group_columns(torch.arange(0, width, 2), 1, "cpu")
+    gram_w = weight_gram(w, stats).to(dtype)
+    return [_fold(half, True, w, gram_w, cols) for half in stats.halves(dtype)], w, cols
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_grid_scores_equal_a_cholesky_solve_per_ridge(dtype, rel):
+    """The eigenbasis expansion of the grid (every ridge from one eigendecomposition) against the anchored re-fit
+    solved at each ridge, both directions of the cross-validation; a single ridge (fold_score) is that solve."""
+    from hf_ispasp.heldout import factored_scores, fold_score, fold_scores
+
+    (fit, test), w, cols = _folds(dtype)
+    for a, b in ((fit, test), (test, fit)):
+        eig = fold_scores(a, b, w, True, cols, REFIT_RIDGES, 2.0)
+        solved = factored_scores(a, b, w, True, cols, REFIT_RIDGES, 2.0)
+        assert list(solved) == list(eig) == list(REFIT_RIDGES)
+        assert solved == pytest.approx(eig, rel=rel)
+        assert len(set(eig.values())) == len(eig)  # the ridges are told apart: the comparison is not vacuous
+        assert fold_score(a, b, w, True, cols, 1e-2, 2.0) == solved[1e-2]
+
+
+def test_a_failed_factorisation_reports_none_for_the_eigendecomposition_to_take_over():
+    import dataclasses
+
+    from hf_ispasp.heldout import factored_scores, fold_score, fold_scores
+
+    (fit, test), w, cols = _folds(torch.float32)
+    # an indefinite "covariance" (rounding in a rank-deficient one can leave negative eigenvalues): no Cholesky
+    broken = dataclasses.replace(fit, cov_ss=fit.cov_ss - 10 * torch.eye(len(cols)) * fit.cov_ss.diagonal().max())
+    assert factored_scores(broken, test, w, True, cols, REFIT_RIDGES, 1.0) is None
+    assert fold_score(broken, test, w, True, cols, 1e-2, 1.0) is None
+    assert all(math.isfinite(v) for v in fold_scores(broken, test, w, True, cols, REFIT_RIDGES, 1.0).values())
