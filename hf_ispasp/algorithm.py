@@ -146,6 +146,7 @@ class BlockStatistics:
     _mirrored: bool = field(default=True, repr=False)  # False: the Gram sums hold only their lower blocks
     _counts: tuple[float, float, float] | None = field(default=None, repr=False)  # host copy, see host_counts()
     _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
+    _owns_gram: bool = field(default=False, repr=False)  # a half whose Gram matrix is its own copy (see _moments)
 
     _SHAPES: ClassVar[dict[str, int]] = {
         "count": 0, "total": 1, "gram": 2, "fold_count": 0, "fold_total": 1, "fold_gram": 2, "unassigned": 0,
@@ -310,9 +311,10 @@ class BlockStatistics:
             rows = slice(start, start + _ROWS)
             torch.sub(self.gram[rows].to(dtype), self.fold_gram[rows].to(dtype), out=second[rows])
         fold_count, fold_total = self.fold_count.to(dtype), self.fold_total.to(dtype)
-        first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True)
+        first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True,
+                                _owns_gram=dtype != self.dtype)
         return first, BlockStatistics(self.width, self.count.to(dtype) - fold_count, self.total.to(dtype) - fold_total,
-                                      second, _read_only=True)
+                                      second, _read_only=True, _owns_gram=True)
 
 
 # From this many rows (tokens) per column a block's statistics are well posed: selection_dtype="auto" validates in
@@ -1059,15 +1061,16 @@ def output_energy(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tens
 _ROWS = 256  # rows per chunk of an in-place width^2 update
 
 
-def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(stats: BlockStatistics, centered: bool, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and second moment per token (centred when the projection has a bias to absorb the mean).
 
     The mean's outer product is subtracted a block of rows at a time, in place: one width^2 matrix is formed, not
-    three (the same values as ``gram / n - outer(mean, mean)``).
+    three (the same values as ``gram / n - outer(mean, mean)``). ``consume`` (a half that owns its Gram copy,
+    which is spent afterwards): the moment is formed in that copy's memory, so no width^2 matrix is formed at all.
     """
     n = max(stats.rows, 1.0)
     mean = stats.total / n
-    moment = stats.gram / n
+    moment = stats.gram.div_(n) if consume else stats.gram / n
     if centered:
         for start in range(0, moment.shape[0], _ROWS):
             moment[start : start + _ROWS] -= torch.outer(mean[start : start + _ROWS], mean)
@@ -1202,8 +1205,9 @@ class RefitChoice:
 
 
 def _fold(half: BlockStatistics, centered: bool, w: torch.Tensor, gram_w: torch.Tensor, cols: torch.Tensor) -> Fold:
-    """What the cross-validation needs of one half; its width^2 covariance is freed on return (one at a time)."""
-    mean, cov = _moments(half, centered)
+    """What the cross-validation needs of one half; its width^2 covariance is freed on return (one at a time). A
+    half with its own Gram copy (a cast, or fold 1's difference) is spent: its covariance is formed in that copy."""
+    mean, cov = _moments(half, centered, consume=half._owns_gram)
     cov_w, cov_ss, unit = cov[cols] @ w.T, _submatrix(cov, cols, cols), torch.diagonal(cov).mean().clamp_min(0)
     total = cov.mul_(gram_w).sum()  # tr(W C W^T) = sum(C * W^T W), in C's own memory (C is not needed after)
     return Fold(mean, half.rows, cov_w, cov_ss, total, unit)
@@ -1336,13 +1340,18 @@ def validated_selection(
     choice = phase("validate_1", lambda: validate(result.groups))
     if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
         ridge = choice.ridge
+        trusted = refit and well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN)
+        if trusted:
+            # nothing after the re-fit threshold reads the validation's W^T W on this path (no second validation,
+            # no plain residual): its width^2 matrix goes back before the threshold's own width^2 workspace exists
+            del gram_w
         other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w, result.output_energy))
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return result, choice
         if not refit:  # plain selection's residual decides, and it needs no held-out halves
             plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size, gram_w.device), dtype)
             return (other, RefitChoice(None, plain, plain)) if plain <= choice.plain else (result, choice)
-        if well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN):  # too many tokens to overfit
+        if trusted:  # too many tokens to overfit
             return other, dataclasses.replace(choice, support_validated=False)
         # at the ridge its support was selected with: one Cholesky solve per fold, not an eigendecomposition
         other_choice = phase("validate_2", lambda: validate(other.groups, (ridge,)))

@@ -562,3 +562,32 @@ def test_a_given_output_energy_measures_the_refit_residual_on_the_dropped_column
     dropped[group_columns(given.groups, 4)] = False
     explicit = float((h[:, dropped] @ w[:, dropped].T).pow(2).sum())  # sum_b ||W_D h_D||^2
     torch.testing.assert_close(given.residual, explicit, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_validation_forms_each_half_covariance_in_its_own_copy(dtype):
+    """The held-out validation spends the halves' own Gram copies (a cast of fold 0, fold 1's difference) as their
+    covariances instead of forming new width x width matrices: under three matrices of its precision at once
+    beyond the statistics (3.9 in float32 and 3.0 in float64 before), and the statistics are left as they were
+    (fold 0 in the sums' precision is read where it is summed, never spent)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from selection_profile import _statistics, peak_allocated
+
+    from hf_ispasp.algorithm import validate_refit, weight_gram
+
+    cpu, width = torch.device("cpu"), 512
+    stats, weight, bias = _statistics(64, width, 4 * width, cpu)
+    first, second = stats.halves(dtype)
+    assert second._owns_gram and first._owns_gram is (dtype != stats.dtype)
+    del first, second
+    sums = [t.clone() for t in stats.tensors()]
+    gram_w = weight_gram(weight, stats).to(dtype)
+    choice, peak = peak_allocated(lambda: validate_refit(stats, weight, bias, torch.arange(0, width, 2), 1,
+                                                         weight_gram=gram_w, dtype=dtype), cpu)
+    assert choice.ridge is not None and 0 < peak <= 3 * width * width * gram_w.element_size()
+    assert all(torch.equal(a, b) for a, b in zip(sums, stats.tensors(), strict=True))
+    again = validate_refit(stats, weight, bias, torch.arange(0, width, 2), 1, weight_gram=gram_w, dtype=dtype)
+    assert again.scores == choice.scores  # nothing the first validation spent was the statistics'
