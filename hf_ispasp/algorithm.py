@@ -407,7 +407,21 @@ def _by_blocks(rows: torch.Tensor) -> bool:
 def weight_gram(weight: torch.Tensor, stats: BlockStatistics) -> torch.Tensor:
     """``W^T W`` of an output projection where (and in the precision) the selection runs: the selection and the
     held-out validation of one block take it as ``weight_gram=`` instead of forming it once each."""
-    return _gram(_matching(weight, stats))
+    return _weight_gram(_matching(weight, stats))
+
+
+def _weight_gram(weight: torch.Tensor) -> torch.Tensor:
+    """``W^T W``; on an accelerator exactly symmetric, from its lower blocks (:func:`_symmetric_gram`). A device GEMM
+    need not round entries (i, j) and (j, i) alike, and an energy ``G * W^T W`` that is not exactly symmetric costs
+    the elimination a transposed width^2 copy (:func:`_columns_as_rows`: 72 MB in float64 at BERT-base's FFN width,
+    0.9 GiB at LLaMA-7B's); the lower blocks are also half the products. On a CPU as before (blocked, hence
+    symmetric, from 512 columns)."""
+    return _symmetric_gram(weight) if _mirrors_weight_gram(weight.device) else _gram(weight)
+
+
+def _mirrors_weight_gram(device: torch.device) -> bool:
+    """Whether :func:`_weight_gram` forms ``W^T W`` from its lower blocks on ``device`` (an accelerator)."""
+    return device.type != "cpu"
 
 
 _GRAM_BLOCK = 256  # columns per block of the CPU Gram matrix (fastest of 128-384 on 2 cores at width 1536)
@@ -573,7 +587,7 @@ class _Problem:
     @property
     def weight_gram(self) -> torch.Tensor:
         """``W^T W``: the caller's, or formed where it is used (not kept: a width^2 matrix)."""
-        return _gram(self.weight) if self._weight_gram is None else self._weight_gram
+        return _weight_gram(self.weight) if self._weight_gram is None else self._weight_gram
 
     @functools.cached_property
     def energy(self) -> torch.Tensor:
@@ -705,7 +719,13 @@ class _Problem:
             step(drops, index)
         if path is not None:
             # increase of step s = E_dd + 2 ((E m_0)_d + sum of E[d, d_t] over the earlier drops t), d = d_s
-            earlier = torch.tril(_submatrix(energy, drops, drops), diagonal=-1).sum(1)
+            # a block of rows at a time: never the steps^2 submatrix (18 MB in float64 at BERT-base's FFN width,
+            # plus its lower-triangle copy) on top of the energy at the selection's peak
+            earlier = torch.empty(steps, dtype=energy.dtype, device=device)
+            for start in range(0, steps, _ROWS):
+                rows = drops[start : start + _ROWS]
+                block = _submatrix(energy, rows, drops[: start + len(rows)])  # columns up to each row's own step
+                torch.sum(block.tril_(start - 1), 1, out=earlier[start : start + len(rows)])  # the steps before it
             increases = self_energy[drops] + 2 * (start_m[drops] + earlier)
             residual = self.residual(merged)
             path.append((remaining, residual))
@@ -1238,7 +1258,7 @@ def validate_refit(
     dtype = stats.dtype if dtype is None else dtype
     cols = group_columns(groups, group_size, stats.gram.device)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
-    gram_w = _gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
+    gram_w = _weight_gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     plain = _plain_residual(stats, gram_w, cols, dtype)
     halves = stats.halves(dtype)
     if halves is None:

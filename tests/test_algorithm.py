@@ -239,14 +239,15 @@ def test_invalid_partitions_are_clear_errors(width, keep, partitions, match):
         select_groups(_stats(h), w, 1, keep, partitions=partitions)
 
 
-@pytest.mark.parametrize(("group_size", "partitions"), [(1, 1), (3, 1), (1, 2), (2, 4)])
-def test_device_elimination_equals_host_elimination(group_size, partitions):
+@pytest.mark.parametrize(("group_size", "partitions", "width"), [(1, 1, 48), (3, 1, 48), (1, 2, 48), (2, 4, 48),
+                                                                  (1, 1, 700)])
+def test_device_elimination_equals_host_elimination(group_size, partitions, width):
     """The accelerator loop of the exact-residual threshold (run here on CPU tensors) drops the same groups in the
-    same order as the host loop, ties included, and reports the same residual path."""
-    from hf_ispasp.algorithm import _Problem
+    same order as the host loop, ties included, and reports the same residual path (width 700: the path is
+    rebuilt from more drops than one block of rows)."""
+    from hf_ispasp.algorithm import _ROWS, _Problem
 
     gen = torch.Generator().manual_seed(group_size * 10 + partitions)
-    width = 48
     h = torch.randn(200, width, generator=gen, dtype=torch.float64)
     h[:, 7] = h[:, 3]  # duplicated columns: exact ties the lower index must win
     w = torch.randn(6, width, generator=gen, dtype=torch.float64)
@@ -259,6 +260,7 @@ def test_device_elimination_equals_host_elimination(group_size, partitions):
     device_path: list[tuple[int, float]] = []
     host = problem.residual_threshold(merged, keep, partitions, host_path)
     device = problem._eliminate_on_device(merged, keep, partitions, device_path)
+    assert width < 100 or len(device_path) > _ROWS + 1  # more drops than one block of rows
     assert torch.equal(torch.sort(host).values, device)
     assert [c for c, _ in host_path] == [c for c, _ in device_path]
     torch.testing.assert_close(torch.tensor([r for _, r in device_path]), torch.tensor([r for _, r in host_path]),
@@ -591,3 +593,35 @@ def test_validation_forms_each_half_covariance_in_its_own_copy(dtype):
     assert all(torch.equal(a, b) for a, b in zip(sums, stats.tensors(), strict=True))
     again = validate_refit(stats, weight, bias, torch.arange(0, width, 2), 1, weight_gram=gram_w, dtype=dtype)
     assert again.scores == choice.scores  # nothing the first validation spent was the statistics'
+
+
+def test_accelerator_weight_gram_is_exactly_symmetric_and_saves_the_transposed_copy(monkeypatch):
+    """On an accelerator W^T W comes from its lower blocks, mirrored (forced on the CPU here): exactly symmetric
+    where a plain float64 GEMM is not (width 64 on this CPU), equal to that product to rounding, so the
+    elimination reads the energy's rows in place instead of a transposed copy; a tiny prune keeps the same
+    groups."""
+    from conftest import tiny_text_model, token_batches
+
+    from hf_ispasp import ISpaSPPruner, PrunerConfig
+    from hf_ispasp import algorithm as alg
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=gen, dtype=torch.float64)
+    config = PrunerConfig(show_progress=False, ffn_keep_ratio=0.4, head_keep_ratio=0.67)
+    data = token_batches(num=24, batch_size=8)
+    plain = ISpaSPPruner(tiny_text_model("bert"), config)
+    plain.prune(data)
+    assert not alg._mirrors_weight_gram(w.device) and torch.equal(alg._weight_gram(w), w.T @ w)
+    monkeypatch.setattr(alg, "_mirrors_weight_gram", lambda device: True)
+    gram = alg._weight_gram(w)
+    assert torch.equal(gram, gram.T) and not torch.equal(w.T @ w, (w.T @ w).T)  # the case the mirror is for
+    torch.testing.assert_close(gram, w.T @ w, rtol=1e-12, atol=1e-12)
+    stats = BlockStatistics(64)
+    stats.update(torch.randn(200, 64, generator=gen, dtype=torch.float64), torch.float64)
+    alg._mirror_lower(stats.gram)  # symmetric statistics, as the accelerator's panel sums are
+    energy, before = alg._Problem(stats, w, 1, gram).energy, alg._Problem(stats, w, 1, w.T @ w).energy
+    assert alg._columns_as_rows(energy) is energy  # no transposed copy
+    assert alg._columns_as_rows(before) is not before  # which the plain product cost
+    mirrored = ISpaSPPruner(tiny_text_model("bert"), config)
+    mirrored.prune(data)
+    assert [b.kept for b in mirrored.report.blocks] == [b.kept for b in plain.report.blocks]
