@@ -239,27 +239,35 @@ def test_invalid_partitions_are_clear_errors(width, keep, partitions, match):
         select_groups(_stats(h), w, 1, keep, partitions=partitions)
 
 
-@pytest.mark.parametrize(("group_size", "partitions", "width"), [(1, 1, 48), (3, 1, 48), (1, 2, 48), (2, 4, 48),
-                                                                  (1, 1, 700)])
-def test_device_elimination_equals_host_elimination(group_size, partitions, width):
+@pytest.mark.parametrize(("group_size", "partitions", "width", "factored"),
+                         [(1, 1, 48, False), (3, 1, 48, False), (1, 2, 48, False), (2, 4, 48, False),
+                          (1, 1, 700, False), (1, 1, 48, True), (1, 2, 48, True), (1, 1, 700, True)])
+def test_device_elimination_equals_host_elimination(group_size, partitions, width, factored, monkeypatch):
     """The accelerator loop of the exact-residual threshold (run here on CPU tensors) drops the same groups in the
     same order as the host loop, ties included, and reports the same residual path (width 700: the path is
-    rebuilt from more drops than one block of rows)."""
+    rebuilt from more drops than one block of rows). ``factored``: the accelerator's energy read from ``G`` and
+    ``W^T W`` (forced on the CPU), never formed."""
+    from hf_ispasp import algorithm as alg
     from hf_ispasp.algorithm import _ROWS, _Problem
 
+    monkeypatch.setattr(alg, "_factors_energy", lambda device: factored)
     gen = torch.Generator().manual_seed(group_size * 10 + partitions)
     h = torch.randn(200, width, generator=gen, dtype=torch.float64)
     h[:, 7] = h[:, 3]  # duplicated columns: exact ties the lower index must win
     w = torch.randn(6, width, generator=gen, dtype=torch.float64)
-    problem = _Problem(_stats(h), w, group_size)
+    stats = _stats(h)
+    alg._mirror_lower(stats.gram)  # exactly symmetric, as an accelerator's panel sums are
+    problem = _Problem(stats, w, group_size, alg._symmetric_gram(w))
+    assert (problem.factors is not None) is factored
     n = problem.num_groups
     merged = torch.sort(torch.randperm(n, generator=gen)[: n - n // (2 * partitions) * partitions // 2]).values
     merged = torch.arange(n) if partitions > 1 else merged
     keep = partitions * max(1, n // (3 * partitions))
     host_path: list[tuple[int, float]] = []
     device_path: list[tuple[int, float]] = []
-    host = problem.residual_threshold(merged, keep, partitions, host_path)
     device = problem._eliminate_on_device(merged, keep, partitions, device_path)
+    assert problem.energy_formed is not factored  # the factored loop never formed E
+    host = problem.residual_threshold(merged, keep, partitions, host_path)
     assert width < 100 or len(device_path) > _ROWS + 1  # more drops than one block of rows
     assert torch.equal(torch.sort(host).values, device)
     assert [c for c, _ in host_path] == [c for c, _ in device_path]
@@ -625,3 +633,33 @@ def test_accelerator_weight_gram_is_exactly_symmetric_and_saves_the_transposed_c
     mirrored = ISpaSPPruner(tiny_text_model("bert"), config)
     mirrored.prune(data)
     assert [b.kept for b in mirrored.report.blocks] == [b.kept for b in plain.report.blocks]
+
+
+def test_factored_energy_holds_no_width_squared_matrix(monkeypatch):
+    """The accelerator's elimination with the energy read from its factors (forced on the CPU) holds one block of
+    rows of E at most (a quarter of a width x width matrix here, a twelfth at BERT-base's FFN width), where forming
+    E holds a whole one; the same drops."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from peak_memory import peak_allocated
+
+    from hf_ispasp import algorithm as alg
+
+    gen = torch.Generator().manual_seed(5)
+    width = 1024
+    h = torch.randn(1200, width, generator=gen, dtype=torch.float64)
+    w = torch.randn(64, width, generator=gen, dtype=torch.float64)
+    stats = _stats(h)
+    alg._mirror_lower(stats.gram)
+    weight_gram = alg._symmetric_gram(w)
+    merged, matrix = torch.arange(width), width * width * 8
+    results = {}
+    for factored in (False, True):
+        monkeypatch.setattr(alg, "_factors_energy", lambda device, factored=factored: factored)
+        problem = alg._Problem(stats, w, 1, weight_gram)
+        results[factored] = peak_allocated(lambda problem=problem: problem._eliminate_on_device(merged, 200, 1, None),
+                                           torch.device("cpu"))
+    assert torch.equal(results[True][0], results[False][0])
+    assert results[False][1] >= matrix and results[True][1] <= 1.05 * alg._ROWS * width * 8 <= matrix / 3
