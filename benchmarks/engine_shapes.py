@@ -203,17 +203,49 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
     _summarise(record)
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
-    if device.type == "cpu" and not args.no_memory:  # tensors held at once in one more (untimed) prune
-        from peak_memory import peak_allocated
-
-        _, peak = peak_allocated(lambda: ISpaSPPruner(model, _config(**overrides)).prune(batches), device)
-        record["peak_extra_allocated_mb"] = peak / 2**20
+    if not args.no_memory:  # one more (untimed) prune: where its memory peaks, phase by phase
+        peaks = _phase_peaks(lambda: ISpaSPPruner(model, _config(**overrides)).prune(batches), device)
+        record["peak_by_phase_mb"] = {name: value / 2**20 for name, value in peaks.items()}
+        if device.type == "cpu":  # tensors held at once (a GPU's peak is the timed prunes' counter above)
+            record["peak_extra_allocated_mb"] = max(peaks.values()) / 2**20
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
     first_round = not args.no_memory
     if args.reference and first_round and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
         record.update(_reference(model, args, device, overrides))
     return record
+
+
+def _phase_peaks(run: Any, device: Any) -> dict[str, int]:
+    """Bytes held at once beyond what was allocated before ``run()``, per phase of the prune: ``statistics``
+    (collect_block_statistics), ``propagate``, the validated selection's own phases (``weight_gram``,
+    ``select_residual``, ``validate_1``, ``select_refit``, ``validate_2``) and ``other`` (the rest: the final
+    re-fit, compaction, the activation cache's capture). Any engine's tree: names it lacks are not marked."""
+    import inspect
+
+    from peak_memory import PhasePeaks
+
+    import hf_ispasp.pruner as module
+
+    peaks = PhasePeaks(device)
+    undo = [peaks.wrap(module, "collect_block_statistics", "statistics"), peaks.wrap(module, "propagate")]
+    original = getattr(module, "validated_selection", None)
+    if original is not None and "phase" in inspect.signature(original).parameters:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            def phase(name: str, step: Any) -> Any:
+                with peaks.phase(name):
+                    return step()
+
+            return original(*args, **{**kwargs, "phase": phase})
+
+        module.validated_selection = marked
+        undo.append(lambda: setattr(module, "validated_selection", original))
+    try:
+        peaks.run(run)
+    finally:
+        for restore in undo:
+            restore()
+    return peaks.peaks
 
 
 def parse_config(variant: str) -> dict[str, Any]:
@@ -311,6 +343,12 @@ def report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{fmt(r.get('peak_extra_allocated_mb'), '.0f')} | {_bound(r)} | {same} | "
             f"{r.get('kept_digest', '-')} |"
         )
+    phases = [r for r in records if r.get("peak_by_phase_mb")]
+    if phases:
+        lines.append("\nPeak extra memory by phase of one more prune (MB; the largest first): " + "; ".join(
+            f"{r['shape']} {r['dtype']} {_engine(r)}: " + ", ".join(
+                f"{name} {value:.0f}" for name, value in sorted(r["peak_by_phase_mb"].items(), key=lambda kv: -kv[1]))
+            for r in phases) + ".")
     if any(r["engine"] == "before" for r in records):
         baseline = meta.get("baseline") or "the --baseline-path source tree"
         lines.append(f"\n'before' = {baseline}, measured in the same run; equal 'kept' digests mean both engines "

@@ -81,8 +81,45 @@ def test_engine_shapes(tmp_path: Path) -> None:
     assert engine_shapes.main(["--tiny", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
     (rec,) = _load(tmp_path, "engine_shapes")["records"]
     assert rec["ratio"] > 1 and rec["forward_s"] > 0 and rec["pruned_mb"] < rec["model_mb"]
+    # where the memory peaks: every marked phase ran, and the largest is the prune's peak
+    phases = rec["peak_by_phase_mb"]
+    assert {"statistics", "propagate", "select_residual", "validate_1", "other"} <= set(phases)
+    assert max(phases.values()) == rec["peak_extra_allocated_mb"]
     # the device path (here the CPU itself) selects what the float64 CPU reference selects
     assert rec["same_as_cpu"] == rec["blocks"]
+
+
+def test_phase_peaks_attribute_memory_to_phases() -> None:
+    """PhasePeaks books every byte held at once to the phase it falls in (CPU: profiler events between instant
+    marks, with Python's frees inside a phase counted where they happen); wrapped functions are phases, and the
+    wrapping is undone."""
+    import types
+
+    import torch
+    from peak_memory import PhasePeaks
+
+    peaks = PhasePeaks(torch.device("cpu"))
+    kept = []
+    space = types.SimpleNamespace(make=lambda n: torch.ones(n))
+    original = space.make
+    undo = peaks.wrap(space, "make", "made")
+    assert space.make is not original
+    assert peaks.wrap(space, "missing") is not None  # another tree's missing name: left alone
+
+    def run() -> torch.Tensor:
+        with peaks.phase("a"):
+            kept.append(torch.ones(2**18))  # 1 MB, kept
+        with peaks.phase("b"):
+            temporary = torch.ones(2**20)  # 4 MB, freed inside the phase
+            del temporary
+        kept.append(space.make(2**17))  # 0.5 MB, a wrapped call
+        return torch.ones(2**19)  # 2 MB, outside every phase
+
+    peaks.run(run)
+    undo()
+    mb = {name: value / 2**20 for name, value in peaks.peaks.items()}
+    assert mb == pytest.approx({"a": 1.0, "b": 5.0, "made": 1.5, "other": 3.5}, abs=0.05)
+    assert space.make is original
 
 
 def test_selection_profile(tmp_path: Path) -> None:
