@@ -111,16 +111,18 @@ def _vocab(shape: str) -> int:
     return DECODERS.get(shape, {}).get("vocab_size", VOCAB)
 
 
-def _model(shape: str, dtype: Any, device: Any) -> Any:
+def _model(shape: str, dtype: Any, device: Any, layers: int = 0) -> Any:
+    """``shape`` with random weights (``layers``: that many layers instead of the shape's own, when > 0)."""
     import torch
     from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig
 
     torch.manual_seed(0)
+    depth = {"num_hidden_layers": layers} if layers > 0 else {}
     if shape in DECODERS:  # built on the device in its dtype: a 7B model never exists in float32 on the host
-        config = LlamaConfig(max_position_embeddings=4096, **DECODERS[shape])
+        config = LlamaConfig(max_position_embeddings=4096, **{**DECODERS[shape], **depth})
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **SHAPES[shape])
+    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **{**SHAPES[shape], **depth})
     return BertModel(config).eval().to(device=device, dtype=dtype)
 
 
@@ -154,10 +156,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_config(args.config[0]) if args.config else {}
     if args.threads:
         torch.set_num_threads(args.threads)
+    switched = _take_accelerator_paths() if args.accelerator_paths else None
     if args.shape == MINILM:
         model, batches = _minilm(args.sequences, args.batch_size, device, dtype)
     else:
-        model = _model(args.shape, dtype, device)
+        model = _model(args.shape, dtype, device, args.layers)
         batches = _batches(args.sequences, args.length, args.batch_size, vocab=_vocab(args.shape))
     _forward_seconds(model, batches[:2], device)  # warm-up (kernels, allocator)
     if device.type == "cuda":
@@ -201,6 +204,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         # every repeat, so that rounds of a run can be merged (see _merge)
         "prunes": prunes, "forwards": forwards, "ratios": ratios, "calibrations": calibration, "selections": selection,
     }
+    if switched is not None:  # which of the accelerator's paths this engine has (and took)
+        record["accelerator_paths"] = switched
     _summarise(record)
     record.update(_memory_bound(model, pruner.report, pruned_bytes))
     if not args.no_memory:  # one more (untimed) prune: where its memory peaks, phase by phase
@@ -211,9 +216,38 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         record["card"] = torch.cuda.get_device_name(device)
     first_round = not args.no_memory
-    if args.reference and first_round and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM:
+    if (args.reference and first_round and dtype == torch.float32 and args.engine == "current" and args.shape != MINILM
+            and not args.accelerator_paths):  # a CPU reference would take the accelerator's paths too
         record.update(_reference(model, args, device, overrides))
     return record
+
+
+def _take_accelerator_paths() -> list[str]:
+    """On a CPU, make this process's engine take the code paths it takes on an accelerator (its memory then is the
+    GPU's, its time is not): Gram sums as 512-column lower panels from 2048 columns without deferred rows, whole
+    products elsewhere, the elimination loop of the device, and the accelerators' W^T W and factored energy. Any
+    engine's tree: what it lacks is left alone. Returns what was switched."""
+    import hf_ispasp.algorithm as alg
+
+    switched = []
+
+    def switch(name: str, value: Any, owner: Any = alg) -> None:
+        if hasattr(owner, name):
+            setattr(owner, name, value)
+            switched.append(name)
+
+    panel_width, panel_block = getattr(alg, "_DEVICE_PANEL_WIDTH", None), getattr(alg, "_DEVICE_GRAM_BLOCK", None)
+    if panel_width is not None and panel_block is not None:
+        switch("_panel_block", lambda rows: panel_block if rows.shape[1] >= panel_width else None)
+    switch("_defers_rows", lambda rows: False)
+    switch("_by_blocks", lambda rows: False)
+    switch("_mirrors_weight_gram", lambda device: True)
+    switch("_factors_energy", lambda device: True)
+    problem = getattr(alg, "_Problem", None)
+    if problem is not None and hasattr(problem, "_eliminate_on_device"):
+        switch("residual_threshold", lambda self, merged, keep, partitions=1, path=None:
+               self._eliminate_on_device(merged, keep, partitions, path), problem)
+    return switched
 
 
 def _phase_peaks(run: Any, device: Any) -> dict[str, int]:
@@ -400,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternate the engines this many times (ABBA...), pooling their repeats: drift of the "
                              "machine between engines then averages out")
+    parser.add_argument("--layers", type=int, default=0, help="layers of a random-weight shape (0: the shape's)")
+    parser.add_argument("--accelerator-paths", action="store_true",
+                        help="on a CPU, take the code paths of an accelerator: the GPU's memory figures without a "
+                             "GPU (not its times)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="current", help=argparse.SUPPRESS)
@@ -421,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--config", variant, *(["--no-memory"] if round_ else []),
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
                        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
-                       "--reference", str(args.reference), "--threads", str(args.threads)]
+                       "--reference", str(args.reference), "--threads", str(args.threads),
+                       "--layers", str(args.layers), *(["--accelerator-paths"] if args.accelerator_paths else [])]
                 # the engine under test first; the repository root after it for the demo assets (MiniLM)
                 env = {**os.environ,
                        "PYTHONPATH": os.pathsep.join([path, str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -468,6 +507,10 @@ def _merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str,
 def _write(args: argparse.Namespace, records: list[dict[str, Any]]) -> str:
     card = next((r["card"] for r in records if "card" in r), None)
     where = f"one {card}" if card else f"{args.device}, {args.threads or 'default'} threads, {platform.node()}"
+    if args.accelerator_paths:
+        where += ", taking an accelerator's code paths (memory as on a GPU; times are not)"
+    if args.layers:
+        where += f", num_hidden_layers={args.layers}"
     meta = {"sequences": args.sequences, "length": args.length, "where": where, "device": args.device,
             "tiny": args.tiny, "title": args.title or f"{', '.join(args.shape)} on {where}",
             "baseline": (args.baseline_label or str(args.baseline_path)) if args.baseline_path else None}

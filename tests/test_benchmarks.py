@@ -122,6 +122,21 @@ def test_phase_peaks_attribute_memory_to_phases() -> None:
     assert space.make is original
 
 
+def test_engine_shapes_on_the_accelerator_paths(tmp_path: Path) -> None:
+    """--accelerator-paths: a CPU worker takes every code path an accelerator takes (so its memory is the GPU's),
+    with the layer count overridden; the CPU reference is skipped (it would take them too)."""
+    import engine_shapes
+
+    argv = ["--tiny", "--device", "cpu", "--accelerator-paths", "--layers", "1", "--output-dir", str(tmp_path)]
+    assert engine_shapes.main(argv) == 0
+    data = _load(tmp_path, "engine_shapes")
+    (rec,) = data["records"]
+    assert set(rec["accelerator_paths"]) == {"_panel_block", "_defers_rows", "_by_blocks", "_mirrors_weight_gram",
+                                             "_factors_energy", "residual_threshold"}
+    assert "same_as_cpu" not in rec and rec["peak_by_phase_mb"]["select_residual"] > 0
+    assert "accelerator's code paths" in data["meta"]["where"] and "num_hidden_layers=1" in data["meta"]["where"]
+
+
 def test_selection_profile(tmp_path: Path) -> None:
     import selection_profile
 
