@@ -120,9 +120,12 @@ def read_sites(run: Any, device: Any, top: int) -> list[dict[str, Any]]:
 
 
 def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int, length: int, batch_size: int,
-                  top: int) -> dict[str, Any]:
+                  top: int, sites_sequences: int = 0) -> dict[str, Any]:
     """One warm-up prune, one timed prune, one profiled prune and one with its reads counted (:func:`read_sites`)
-    of ``shape``; the profile's summary."""
+    of ``shape``; the profile's summary. ``sites_sequences`` (> 0): the counted prune calibrates on the first
+    that many sequences only (intercepting every torch call of a whole BERT-base prune outlasted a 150 s budget on
+    an H200): per-batch counts scale with the batches, and a sparser calibration set can take other selection paths
+    (a second validation below 4 tokens per column)."""
     import torch
     from engine_shapes import _batches, _config, _model, _sync, _vocab
     from torch.profiler import ProfilerActivity, profile
@@ -144,7 +147,8 @@ def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int,
         profiled = ISpaSPPruner(model, _config())
         profiled.prune(batches)
         _sync(device)
-    sites = read_sites(lambda: ISpaSPPruner(model, _config()).prune(batches), device, top)
+    counted = batches[: max(1, -(-sites_sequences // batch_size))] if sites_sequences > 0 else batches
+    sites = read_sites(lambda: ISpaSPPruner(model, _config()).prune(counted), device, top)
     events = prof.key_averages()
     busy = sum(_device_time(e) for e in events if e.device_type.name == "CUDA") / 1e6
     syncs = {e.key: int(e.count) for e in events if e.key in SYNCS}
@@ -163,6 +167,7 @@ def profile_prune(shape: str, dtype_name: str, device_name: str, sequences: int,
         "host_syncs": syncs, "kernels": sum(int(e.count) for e in events if e.device_type.name == "CUDA"),
         "by_device_time": rows(_device_time) if device.type == "cuda" else [],
         "by_host_time": rows(lambda e: e.self_cpu_time_total), "read_sites": sites,
+        "read_sites_sequences": min(sequences, len(counted) * batch_size),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
 
@@ -183,7 +188,8 @@ def report(records: list[dict[str, Any]]) -> str:
                      f"{r['kernels']} | {syncs} |")
     for r in records:
         if r.get("read_sites"):
-            lines += ["", f"Reads of {r['device']} values back to the host by call site (a wait on an accelerator; "
+            lines += ["", f"Reads of {r['device']} values back to the host by call site, in a prune on "
+                      f"{r.get('read_sites_sequences', r['sequences'])} sequences (a wait on an accelerator; "
                       "'wait': a call that waits on a CUDA device without returning a value; 'h2d': a copy onto the "
                       "device, which waits for the stream from pageable host memory), "
                       f"{r['shape']} {r['dtype']}:", "", "| call site | count |", "|---|---|"]
@@ -209,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--suffix", default="")
+    parser.add_argument("--sites-sequences", type=int, default=0,
+                        help="sequences of the prune whose host reads are counted (0: all of --sequences); fewer "
+                             "can change the selection's path (below 4 tokens per column a second validation runs)")
     args = parser.parse_args(argv)
     records = []
     for dtype in args.dtype:
         records.append(profile_prune(args.shape, dtype, args.device, args.sequences, args.length, args.batch_size,
-                                     args.top))
+                                     args.top, args.sites_sequences))
         args.output_dir.mkdir(parents=True, exist_ok=True)
         suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
         (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"records": records}, indent=2))

@@ -159,9 +159,10 @@ def test_engine_profile(tmp_path: Path) -> None:
     import engine_profile
 
     argv = ["--device", "cpu", "--shape", "tiny", "--sequences", "8", "--length", "8", "--batch-size", "4",
-            "--top", "3", "--output-dir", str(tmp_path)]
+            "--top", "3", "--sites-sequences", "4", "--output-dir", str(tmp_path)]
     assert engine_profile.main(argv) == 0
     (rec,) = json.loads((tmp_path / "engine_profile.json").read_text())["records"]
+    assert rec["read_sites_sequences"] == 4  # the counted prune: one batch of the two
     assert rec["prune_s"] > 0 and rec["profiled_prune_s"] > 0 and rec["device_busy_s"] == 0
     assert rec["host_syncs"]["aten::item"] > 0 and len(rec["by_host_time"]) == 3 and rec["by_device_time"] == []
     assert "| tiny | float32 |" in (tmp_path / "engine_profile.md").read_text()
