@@ -16,26 +16,9 @@ def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[Any, in
     (``profile_memory``), replayed in time order; a temporary allocated and freed inside one operator (a LAPACK
     workspace) is not seen, every tensor that outlives an operator is.
     """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    # operators carry the bytes they allocated (net of what they freed) at their start; frees outside any
-    # operator (a tensor dropped by Python) are "[memory]" events
-    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return out, peak
+    peaks = PhasePeaks(device)  # no phases: everything is "other"
+    out = peaks.run(fn)
+    return out, max(peaks.peaks.values(), default=0)
 
 
 class PhasePeaks:
@@ -44,7 +27,7 @@ class PhasePeaks:
     (:meth:`wrap`) or by ``with peaks.phase(name)``; they must not nest.
 
     CUDA: the allocator's peak counter, read and reset at every phase boundary. CPU: the allocation events of
-    ``torch.profiler`` (as :func:`peak_allocated`), attributed to the phase between whose marks they fall.
+    ``torch.profiler``, replayed in time order and attributed to the phase between whose marks they fall.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -115,6 +98,8 @@ class PhasePeaks:
         # (start, end, phase): a phase's mark, then the end mark after it (phases do not nest)
         ranges = [(at, end, name) for (at, name), (end, _) in zip(marks, marks[1:], strict=False) if name]
         starts = [start for start, _, _ in ranges]
+        # operators carry the bytes they allocated (net of what they freed) at their start; frees outside any
+        # operator (a tensor dropped by Python) are "[memory]" events
         events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
                         for e in prof.events() if not e.name.startswith(_LABEL))
         live = 0

@@ -619,14 +619,9 @@ class _Problem:
         self._weight_gram = weight_gram  # kept: every step reads it
         return self.gram, weight_gram
 
-    def _energy_rows(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-        """``E[rows][:, cols]`` (all columns by default) from :attr:`factors` where there are, else from ``E``."""
-        if self.factors is None:
-            energy = self.energy
-            return energy.index_select(0, rows) if cols is None else _submatrix(energy, rows, cols)
+    def _energy_block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``E[rows][:, cols]`` from :attr:`factors` (which must be there), without forming ``E``."""
         gram, weight_gram = self.factors
-        if cols is None:
-            return gram.index_select(0, rows) * weight_gram.index_select(0, rows)
         return _submatrix(gram, rows, cols) * _submatrix(weight_gram, rows, cols)
 
     def _energy_times(self, vector: torch.Tensor) -> torch.Tensor:
@@ -735,15 +730,15 @@ class _Problem:
             energy_t = _columns_as_rows(energy)
             self_energy = torch.diagonal(energy).clone()
 
-            def rows_of(index: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-                return energy_t.index_select(0, index) if cols is None else _submatrix(energy, index, cols)
+            def block_of(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+                return _submatrix(energy, rows, cols)
 
             def add_row(target: torch.Tensor, index: torch.Tensor) -> None:
                 target.add_(energy_t.index_select(0, index).squeeze(0))
         else:  # groups of one column: E's rows from G's and W^T W's, E never formed
             gram, weight_gram = self.factors
             self_energy = torch.diagonal(gram) * torch.diagonal(weight_gram)
-            rows_of = self._energy_rows
+            block_of = self._energy_block
 
             def add_row(target: torch.Tensor, index: torch.Tensor) -> None:
                 target.addcmul_(gram.index_select(0, index).squeeze(0), weight_gram.index_select(0, index).squeeze(0))
@@ -781,10 +776,12 @@ class _Problem:
             earlier = torch.empty(steps, dtype=energy_m.dtype, device=device)
             for start in range(0, steps, _ROWS):
                 rows = drops[start : start + _ROWS]
-                block = rows_of(rows, drops[: start + len(rows)])  # columns up to each row's own step
+                block = block_of(rows, drops[: start + len(rows)])  # columns up to each row's own step
                 torch.sum(block.tril_(start - 1), 1, out=earlier[start : start + len(rows)])  # the steps before it
             increases = self_energy[drops] + 2 * (start_m[drops] + earlier)
-            residual = self.residual(merged)
+            outside = torch.ones(n, dtype=start_m.dtype, device=device)
+            outside[merged] = 0.0
+            residual = float(outside @ start_m)  # m^T E m from E m (per group): no second pass over E
             path.append((remaining, residual))
             for index, value in enumerate(increases.tolist()):
                 residual += value
