@@ -387,7 +387,8 @@ class ISpaSPPruner:
             ridge = choice.ridge if choice is not None else config.refit_damping
             if ridge is not None:
                 new_weight, new_bias, after = refit_with_residual(stats, weight, bias, result.groups,
-                                                                  block.group_size, ridge, anchored=choice is not None)
+                                                                  block.group_size, ridge, anchored=choice is not None,
+                                                                  carried=result.refit)
                 fitted = (new_weight, new_bias)
                 refit_rel = after / full if full > 0 else 0.0
                 if choice is None and after > result.residual:  # fixed ridge can, in degenerate cases, do worse

@@ -491,3 +491,96 @@ def test_a_failed_factorisation_reports_none_for_the_eigendecomposition_to_take_
     assert factored_scores(broken, test, w, True, cols, REFIT_RIDGES, 1.0) is None
     assert fold_score(broken, test, w, True, cols, 1e-2, 1.0) is None
     assert all(math.isfinite(v) for v in fold_scores(broken, test, w, True, cols, REFIT_RIDGES, 1.0).values())
+
+
+# The re-fit threshold's own re-fit, carried to the final re-fit ------------------------------------------------
+def _wide_block(seed: int = 5, width: int = 96, out: int = 12, tokens: int = 900):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64) / width**0.5
+    h = torch.nn.functional.gelu(torch.randn(tokens, width, generator=gen, dtype=torch.float64) @ mix) + 0.1
+    w = torch.randn(out, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(out, generator=gen, dtype=torch.float64)
+    stats = BlockStatistics(width)
+    for part in h.chunk(6):
+        stats.update(part, torch.float64)
+    return stats, w, b
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_carried_refit_equals_a_fresh_solve(group_size, with_bias):
+    """The re-fit threshold's downdated coefficients are the anchored re-fit of the support it returns: W', b' and
+    the residual equal refit_projection's solve and residual_after_refit to rounding (not the same code path:
+    no solve and no residual product run where the re-fit is carried)."""
+    from hf_ispasp.algorithm import refit_with_residual
+
+    stats, w, b = _wide_block()
+    bias = b if with_bias else None
+    keep = stats.width // group_size // 3
+    result = select_groups(stats, w, group_size, keep, threshold="refit", damping=0.03, anchored=True,
+                           centered=with_bias)
+    assert result.refit is not None and result.refit.centered is with_bias
+    carried = refit_with_residual(stats, w, bias, result.groups, group_size, 0.03, anchored=True,
+                                  carried=result.refit)
+    fresh = refit_with_residual(stats, w, bias, result.groups, group_size, 0.03, anchored=True)
+    torch.testing.assert_close(carried[0], fresh[0], rtol=1e-9, atol=1e-12)
+    if with_bias:
+        torch.testing.assert_close(carried[1], fresh[1], rtol=1e-9, atol=1e-12)
+    else:
+        assert carried[1] is None and fresh[1] is None
+    assert carried[2] == pytest.approx(fresh[2], rel=1e-9)
+    assert carried[2] == pytest.approx(residual_after_refit(stats, w, bias, result.groups, group_size, *carried[:2]),
+                                       rel=1e-9)
+    assert not torch.equal(carried[0], fresh[0])  # the carried path ran (a fresh solve rounds differently)
+
+
+def test_a_carried_refit_of_another_problem_is_not_used():
+    """Anything but the re-fit the threshold reached (another ridge, no anchor, another centring, a float32
+    selection of float64 sums, another support size) is solved afresh, bit for bit as without it."""
+    import dataclasses
+
+    from hf_ispasp.algorithm import refit_with_residual
+
+    stats, w, b = _wide_block()
+    result = select_groups(stats, w, 1, 32, threshold="refit", damping=0.03, anchored=True)
+    carried = result.refit
+    fresh = refit_with_residual(stats, w, b, result.groups, 1, 0.03, anchored=True)
+    others = [
+        (0.1, True, carried),
+        (0.03, False, carried),
+        (0.03, True, dataclasses.replace(carried, centered=False)),
+        (0.03, True, dataclasses.replace(carried, coefficients=carried.coefficients.float())),
+        (0.03, True, dataclasses.replace(carried, coefficients=carried.coefficients[:-1])),
+    ]
+    for damping, anchored, other in others:
+        got = refit_with_residual(stats, w, b, result.groups, 1, damping, anchored=anchored, carried=other)
+        want = refit_with_residual(stats, w, b, result.groups, 1, damping, anchored=anchored)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    assert not torch.equal(refit_with_residual(stats, w, b, result.groups, 1, 0.03, anchored=True,
+                                               carried=carried)[0], fresh[0])
+
+
+def test_the_pruner_takes_the_refit_the_threshold_carried():
+    """The default prune re-fits every pruned block from the re-fit threshold's coefficients where its support is
+    kept, and the pruned model equals one re-fitted by fresh solves to rounding."""
+    from hf_ispasp import algorithm as alg
+    from hf_ispasp import pruner as pruner_module
+
+    data = token_batches(num=48, batch_size=16, seed=4)
+    calls = []
+    original = alg.refit_with_residual
+
+    def fresh(*args, carried=None, **kwargs):
+        calls.append(alg._carries(carried, args[0], args[3], args[4], args[5], kwargs["anchored"],
+                                  args[2] is not None))
+        return original(*args, **kwargs)
+
+    carried_model, _ = _prune(tiny_text_model("bert", seed=2), data)
+    pruner_module.refit_with_residual = fresh
+    try:
+        fresh_model, _ = _prune(tiny_text_model("bert", seed=2), data)
+    finally:
+        pruner_module.refit_with_residual = original
+    assert calls and all(calls)  # every re-fit had the threshold's at hand
+    for (name, a), (_, b) in zip(carried_model.state_dict().items(), fresh_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
