@@ -37,8 +37,7 @@ from peak_memory import peak_allocated  # noqa: E402
 
 from hf_ispasp.algorithm import (  # noqa: E402
     BlockStatistics,
-    refit_projection,
-    residual_after_refit,
+    refit_with_residual,
     select_groups,
     validated_selection,
 )
@@ -105,11 +104,9 @@ def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tenso
 
     result, final = validated_selection(s, weight, bias, group, select, threshold="refit", refit_threshold=True,
                                         refit=True, phase=timed)
-    if final.ridge is not None:
-        def refit() -> float:
-            fitted = refit_projection(s, weight, bias, result.groups, group, final.ridge, anchored=True)
-            return residual_after_refit(s, weight, bias, result.groups, group, *fitted)
-        timed("refit", refit)
+    if final.ridge is not None:  # as the pruner re-fits: from the threshold's coefficients where it carried them
+        timed("refit", lambda: refit_with_residual(s, weight, bias, result.groups, group, final.ridge, anchored=True,
+                                                   carried=result.refit))
     seconds["total"] = sum(seconds.values())
     chosen = {"ridge": final.ridge, "iterations": result.iterations,
               "kept_digest": hash(tuple(result.groups.tolist())) & 0xFFFFFFFF}
