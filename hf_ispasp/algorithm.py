@@ -146,7 +146,6 @@ class BlockStatistics:
     _mirrored: bool = field(default=True, repr=False)  # False: the Gram sums hold only their lower blocks
     _counts: tuple[float, float, float] | None = field(default=None, repr=False)  # host copy, see host_counts()
     _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
-    _owns_gram: bool = field(default=False, repr=False)  # a half whose Gram matrix is its own copy (see _moments)
 
     _SHAPES: ClassVar[dict[str, int]] = {
         "count": 0, "total": 1, "gram": 2, "fold_count": 0, "fold_total": 1, "fold_gram": 2, "unassigned": 0,
@@ -294,7 +293,8 @@ class BlockStatistics:
         return all_finite(self.total, self.gram)
 
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
-        """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown.
+        """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown. (The
+        validation reads the halves through :class:`HeldOutHalves` instead, without forming either.)
 
         In ``dtype`` (default: the sums'), with the values of ``to(dtype=dtype).halves()`` bit for bit (each sum
         cast, then the difference taken in ``dtype``) but without that copy of the whole sums: fold 1's Gram
@@ -311,10 +311,9 @@ class BlockStatistics:
             rows = slice(start, start + _ROWS)
             torch.sub(self.gram[rows].to(dtype), self.fold_gram[rows].to(dtype), out=second[rows])
         fold_count, fold_total = self.fold_count.to(dtype), self.fold_total.to(dtype)
-        first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True,
-                                _owns_gram=dtype != self.dtype)
+        first = BlockStatistics(self.width, fold_count, fold_total, self.fold_gram.to(dtype), _read_only=True)
         return first, BlockStatistics(self.width, self.count.to(dtype) - fold_count, self.total.to(dtype) - fold_total,
-                                      second, _read_only=True, _owns_gram=True)
+                                      second, _read_only=True)
 
 
 # From this many rows (tokens) per column a block's statistics are well posed: selection_dtype="auto" validates in
@@ -1157,16 +1156,15 @@ def output_energy(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tens
 _ROWS = 256  # rows per chunk of an in-place width^2 update
 
 
-def _moments(stats: BlockStatistics, centered: bool, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(stats: BlockStatistics, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and second moment per token (centred when the projection has a bias to absorb the mean).
 
     The mean's outer product is subtracted a block of rows at a time, in place: one width^2 matrix is formed, not
-    three (the same values as ``gram / n - outer(mean, mean)``). ``consume`` (a half that owns its Gram copy,
-    which is spent afterwards): the moment is formed in that copy's memory, so no width^2 matrix is formed at all.
+    three (the same values as ``gram / n - outer(mean, mean)``).
     """
     n = max(stats.rows, 1.0)
     mean = stats.total / n
-    moment = stats.gram.div_(n) if consume else stats.gram / n
+    moment = stats.gram / n
     if centered:
         for start in range(0, moment.shape[0], _ROWS):
             moment[start : start + _ROWS] -= torch.outer(mean[start : start + _ROWS], mean)
@@ -1336,13 +1334,88 @@ class RefitChoice:
     support_validated: bool = True
 
 
-def _fold(half: BlockStatistics, centered: bool, w: torch.Tensor, gram_w: torch.Tensor, cols: torch.Tensor) -> Fold:
-    """What the cross-validation needs of one half; its width^2 covariance is freed on return (one at a time). A
-    half with its own Gram copy (a cast, or fold 1's difference) is spent: its covariance is formed in that copy."""
-    mean, cov = _moments(half, centered, consume=half._owns_gram)
-    cov_w, cov_ss, unit = cov[cols] @ w.T, _submatrix(cov, cols, cols), torch.diagonal(cov).mean().clamp_min(0)
-    total = cov.mul_(gram_w).sum()  # tr(W C W^T) = sum(C * W^T W), in C's own memory (C is not needed after)
-    return Fold(mean, half.rows, cov_w, cov_ss, total, unit)
+class HeldOutHalves:
+    """Both halves of a block's calibration sums as :func:`validate_refit` reads them (fold 1 = the sums less fold
+    0), without a width^2 matrix of either: the parts every support shares (mean, count, ``tr(W C W^T)``, the
+    ridges' scale) are formed once, a block of rows at a time; a support then reads only its rows of each half's
+    covariance and its k x k block, gathered from the sums and centred as gathered. The validations of one block
+    share one (:func:`validated_selection`).
+
+    In ``dtype`` with the values of ``stats.to(dtype=dtype).halves()``'s moments entry for entry (each sum cast,
+    then fold 1's difference taken in ``dtype``); only the order in which ``tr(W C W^T)`` is summed differs. A
+    half's covariance formed whole cost the validation two width^2 matrices of its precision at once (a cast or
+    difference of the sums, then its centred moments in that copy): 75 MB in float32 at BERT-base's FFN width.
+    """
+
+    def __init__(self, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool,
+                 dtype: torch.dtype) -> None:
+        stats.finish()
+        count, fold_count, _ = stats.host_counts()
+        self.stats, self.w, self.centered, self.dtype = stats, w, centered, dtype
+        self.counts = (fold_count, count - fold_count)
+        first = stats.fold_total.to(dtype)
+        self.means = tuple(t / max(n, 1.0) for t, n in zip((first, stats.total.to(dtype) - first), self.counts,
+                                                            strict=True))
+        diagonal = torch.diagonal(stats.fold_gram).to(dtype)
+        diagonals = (diagonal, torch.diagonal(stats.gram).to(dtype) - diagonal)
+        # the mean variance of the columns (the diagonal of each half's moments), the scale of the relative ridges
+        variances = [d / max(n, 1.0) for d, n in zip(diagonals, self.counts, strict=True)]
+        if centered:
+            variances = [v - m * m for v, m in zip(variances, self.means, strict=True)]
+        self.units = tuple(v.mean().clamp_min(0) for v in variances)
+        self.totals = tuple(self._total(h, gram_w) for h in (0, 1))
+
+    @classmethod
+    def of(cls, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, dtype: torch.dtype
+           ) -> HeldOutHalves | None:
+        """The halves of ``stats``, or ``None`` where one is empty or some rows have no fold (as
+        :meth:`BlockStatistics.halves`)."""
+        stats.finish()
+        count, fold_count, unassigned = stats.host_counts()
+        if unassigned > 0 or fold_count <= 0 or fold_count >= count:
+            return None
+        return cls(stats, w, gram_w, centered, dtype)
+
+    def _raw(self, half: int, rows: slice | torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (and, with ``cols``, columns) of half ``half``'s Gram sums in the validation's precision."""
+        def gather(matrix: torch.Tensor) -> torch.Tensor:
+            picked = matrix[rows] if cols is None else _submatrix(matrix, rows, cols)
+            return picked.to(self.dtype)
+
+        first = gather(self.stats.fold_gram)
+        return first if half == 0 else gather(self.stats.gram) - first
+
+    def _centred(self, half: int, raw: torch.Tensor, rows: slice | torch.Tensor,
+                 cols: torch.Tensor | None = None) -> torch.Tensor:
+        """``raw / n`` less the mean's outer product where the re-fit has a bias (a new tensor: ``raw`` may be the
+        sums themselves)."""
+        moment = raw / max(self.counts[half], 1.0)
+        if self.centered:
+            mean = self.means[half]
+            moment -= torch.outer(mean[rows], mean if cols is None else mean[cols])
+        return moment
+
+    def _total(self, half: int, gram_w: torch.Tensor) -> torch.Tensor:
+        """``tr(W C W^T) = sum(C * W^T W)`` over this half, a block of rows of ``C`` at a time."""
+        parts = []
+        for start in range(0, self.stats.width, _ROWS):
+            rows = slice(start, start + _ROWS)
+            parts.append(self._centred(half, self._raw(half, rows), rows).mul_(gram_w[rows]).sum())
+        return torch.stack(parts).sum()
+
+    def fold(self, half: int, cols: torch.Tensor) -> Fold:
+        """What the cross-validation needs of half ``half`` for the kept columns ``cols``: ``C[S, :] W^T`` and
+        ``C[S, S]``, from :data:`_ROWS` of ``C``'s rows at a time (a k x width gather of float64 sums, its cast and
+        centring would be several width^2 / 2 matrices at once)."""
+        k, device = len(cols), self.w.device
+        cov_w = torch.empty(k, self.w.shape[0], dtype=self.dtype, device=device)
+        cov_ss = torch.empty(k, k, dtype=self.dtype, device=device)
+        for start in range(0, k, _ROWS):
+            part = cols[start : start + _ROWS]
+            rows = self._centred(half, self._raw(half, part), part)
+            torch.mm(rows, self.w.T, out=cov_w[start : start + _ROWS])
+            torch.index_select(rows, 1, cols, out=cov_ss[start : start + _ROWS])
+        return Fold(self.means[half], self.counts[half], cov_w, cov_ss, self.totals[half], self.units[half])
 
 
 def validate_refit(
@@ -1354,6 +1427,7 @@ def validate_refit(
     ridges: tuple[float, ...] = REFIT_RIDGES,
     weight_gram: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    halves: HeldOutHalves | None = None,
 ) -> RefitChoice:
     """Choose the re-fit ridge by 2-fold cross-validation on the two halves of the calibration statistics.
 
@@ -1366,19 +1440,21 @@ def validate_refit(
 
     ``dtype``: the precision of the validation (default: the statistics'), with the values of a validation of
     ``stats.to(dtype=dtype)`` but without that copy of the sums (``weight_gram``, if given, is in ``dtype``).
+    ``halves``: the :class:`HeldOutHalves` of ``stats`` for this weight, bias and precision, where the caller
+    validates the block more than once (the parts every support shares are then formed once).
     """
     dtype = stats.dtype if dtype is None else dtype
     cols = group_columns(groups, group_size, stats.gram.device)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     gram_w = _weight_gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
     plain = _plain_residual(stats, gram_w, cols, dtype)
-    halves = stats.halves(dtype)
+    centered = bias is not None
+    if halves is None:
+        halves = HeldOutHalves.of(stats, w, gram_w, centered, dtype)
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
     n = stats.rows
-    centered = bias is not None
-    folds = [_fold(half, centered, w, gram_w, cols) for half in halves]
-    del halves  # the second half's width^2 sums are not needed any more
+    folds = [halves.fold(half, cols) for half in (0, 1)]
     scores = dict.fromkeys(ridges, 0.0)
     single = ridges[0] if len(ridges) == 1 and not math.isinf(ridges[0]) else None
     for fit, test in (folds, folds[::-1]):
@@ -1402,7 +1478,11 @@ def _plain_residual(stats: BlockStatistics, gram_w: torch.Tensor, cols: torch.Te
     dropped = torch.ones(stats.width, dtype=torch.bool, device=gram_w.device)
     dropped[cols] = False
     rest = torch.nonzero(dropped).flatten()
-    return max(float((_submatrix(stats.gram, rest, rest).to(dtype) * _submatrix(gram_w, rest, rest)).sum()), 0.0)
+    parts = []  # a block of rows at a time: no |D|^2 gather of the sums (and its cast) at once
+    for start in range(0, len(rest), _ROWS):
+        rows = rest[start : start + _ROWS]
+        parts.append((_submatrix(stats.gram, rows, rest).to(dtype) * _submatrix(gram_w, rows, rest)).sum())
+    return max(float(torch.stack(parts).sum()), 0.0) if parts else 0.0
 
 
 Phase = Callable[[str, Callable[[], Any]], Any]
@@ -1457,9 +1537,13 @@ def validated_selection(
     gram_w = phase("weight_gram", lambda: weight_gram(weight, stats))  # shared by both selections and validations
     dtype = stats.dtype if validation_dtype is None else validation_dtype
 
+    shared: list[HeldOutHalves | None] = []  # the halves' support-independent parts, formed by the first validation
+
     def validate(groups: torch.Tensor, grid: tuple[float, ...] = ridges) -> RefitChoice:
-        # the halves are built in the validation's precision for one validation only (no copy of the whole sums)
-        return validate_refit(stats, weight, bias, groups, group_size, grid, gram_w, dtype)
+        if not shared:
+            w = weight.detach().to(device=stats.gram.device, dtype=dtype)
+            shared.append(HeldOutHalves.of(stats, w, gram_w, bias is not None, dtype))
+        return validate_refit(stats, weight, bias, groups, group_size, grid, gram_w, dtype, halves=shared[0])
 
     first = "residual" if refit_threshold else threshold
     result = phase("select_residual", lambda: select(first, None, False, gram_w, None))

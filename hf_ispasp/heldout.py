@@ -61,13 +61,10 @@ def fold_scores(
     p = vectors.T @ w[:, cols].T
     cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
     rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
-    total = test.total  # tr(W C_t W^T)
-    # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r)
-    bp = b @ p.T
-    # the k x k products are scaled by M in place (the same values as M * product): three k x k matrices, not six
-    quad = ((b @ b.T).mul_(rotated), bp.add_(bp.T.clone()).mul_(rotated), (p @ p.T).mul_(rotated))
-    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     delta_s = vectors.T @ delta[cols]
+    del vectors  # nothing below reads the basis: one k x k matrix less while the quadratic terms are formed
+    total = test.total  # tr(W C_t W^T)
+    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     w_delta = w @ delta
     unit = fit.unit
     # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
@@ -75,17 +72,32 @@ def fold_scores(
     r = _grid(tuple(finite), values.dtype, values.device) * scale * unit + 1e-12
     d = 1.0 / (values + r[:, None])  # (ridges x k)
     spread = total - 2 * (d * (lin[0] + r[:, None] * lin[1])).sum(1)
-    spread = spread + sum(power * ((d @ q) * d).sum(1) for power, q in zip((1, r, r * r), quad, strict=True))
+    # tr(Z^T M Z) = sum_ij M_ij d_i d_j (B B^T + r (B P^T + P B^T) + r^2 P P^T)_ij with d = 1 / (e + r). Each k x k
+    # product is scaled by M in place (the same values as M * product) and spent before the next is formed: one
+    # k x k matrix at a time besides M, not three
+    quadratic = []
+    for power, form in zip((1, r, r * r), (lambda: b @ b.T, lambda: _symmetrised(b @ p.T), lambda: p @ p.T),
+                           strict=True):
+        q = form().mul_(rotated)
+        quadratic.append(power * ((d @ q) * d).sum(1))
+        last = q.sum()  # of M * P P^T (the last form): the infinite ridge's tr(P^T M P)
+        del q
+    spread = spread + sum(quadratic)
     weighted = d * delta_s  # (ridges x k)
     shifted = weighted @ b + r[:, None] * (weighted @ p)  # (ridges x d)
     offset = (w_delta - shifted).pow(2).sum(1)
     # infinite ridge: Z = P
-    spread_inf = total - 2 * lin[1].sum() + quad[2].sum()
+    spread_inf = total - 2 * lin[1].sum() + last
     offset_inf = (w_delta - p.T @ delta_s).pow(2).sum()
     spreads = torch.cat([spread, spread_inf.reshape(1)]).clamp_min(0)
     *scores, score_inf = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
     by_ridge = dict(zip(finite, scores, strict=True))
     return {ridge: score_inf if math.isinf(ridge) else by_ridge[ridge] for ridge in ridges}
+
+
+def _symmetrised(product: torch.Tensor) -> torch.Tensor:
+    """``A + A^T`` in ``A``'s memory (``B P^T + P B^T`` from ``B P^T``)."""
+    return product.add_(product.T.clone())
 
 
 def factored_scores(

@@ -453,7 +453,7 @@ def test_refit_threshold_at_width_reports_the_objective_of_its_support(group_siz
 
 # The grid's eigenbasis scores against the re-fit's own system, solved per ridge -------------------------------
 def _folds(dtype: torch.dtype, rows: int = 300, width: int = 40):
-    from hf_ispasp.algorithm import _fold, group_columns, weight_gram
+    from hf_ispasp.algorithm import HeldOutHalves, group_columns, weight_gram
 
     gen = torch.Generator().manual_seed(3)
     mix = torch.randn(width, width, generator=gen, dtype=torch.float64)
@@ -461,7 +461,8 @@ def _folds(dtype: torch.dtype, rows: int = 300, width: int = 40):
     w = torch.randn(6, width, generator=gen, dtype=torch.float64).to(dtype)
     cols = group_columns(torch.arange(0, width, 2), 1, "cpu")
     gram_w = weight_gram(w, stats).to(dtype)
-    return [_fold(half, True, w, gram_w, cols) for half in stats.halves(dtype)], w, cols
+    halves = HeldOutHalves.of(stats, w, gram_w, True, dtype)
+    return [halves.fold(half, cols) for half in (0, 1)], w, cols
 
 
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
