@@ -146,6 +146,7 @@ class BlockStatistics:
     _mirrored: bool = field(default=True, repr=False)  # False: the Gram sums hold only their lower blocks
     _counts: tuple[float, float, float] | None = field(default=None, repr=False)  # host copy, see host_counts()
     _read_only: bool = field(default=False, repr=False)  # a half (halves()): it reads another object's sums
+    _folds_released: bool = field(default=False, repr=False)  # release_folds(): the fold sums are gone
 
     _SHAPES: ClassVar[dict[str, int]] = {
         "count": 0, "total": 1, "gram": 2, "fold_count": 0, "fold_total": 1, "fold_gram": 2, "unassigned": 0,
@@ -260,6 +261,7 @@ class BlockStatistics:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to sum across processes (the caller may change them in place)."""
+        self._check_folds()
         self.finish()
         self._counts = None
         return [getattr(self, name) for name in self._SHAPES]
@@ -280,6 +282,7 @@ class BlockStatistics:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockStatistics:
         """A copy on ``device`` in ``dtype`` (selection may run in another precision than accumulation)."""
+        self._check_folds()
         self.finish()
         device = self.device if device is None else torch.device(device)
         dtype = self.dtype if dtype is None else dtype
@@ -292,6 +295,23 @@ class BlockStatistics:
         self.finish()
         return all_finite(self.total, self.gram)
 
+    def release_folds(self) -> None:
+        """Free the fold sums (a width^2 matrix in the sums' precision) once nothing will validate on them: the
+        selection's own width^2 workspace then comes in their place. The halves cannot be formed afterwards."""
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self.fold_gram, self.fold_total = zero.expand(self.width, self.width), zero.expand(self.width)
+        self._folds_released = True
+
+    @property
+    def folds_released(self) -> bool:
+        """Whether :meth:`release_folds` freed the fold sums."""
+        return self._folds_released
+
+    def _check_folds(self) -> None:
+        if self._folds_released:
+            raise ValueError("these statistics' fold sums were released (release_folds()): their halves are gone; "
+                             "copy, sum or validate them before releasing the folds")
+
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown. (The
         validation reads the halves through :class:`HeldOutHalves` instead, without forming either.)
@@ -301,6 +321,7 @@ class BlockStatistics:
         matrix is formed a block of rows at a time. Fold 0 shares this object's fold sums where no cast is needed
         (read it, do not add to it).
         """
+        self._check_folds()
         self.finish()
         count, fold_count, unassigned = self.host_counts()
         if unassigned > 0 or fold_count <= 0 or fold_count >= count:
@@ -1370,6 +1391,7 @@ class HeldOutHalves:
            ) -> HeldOutHalves | None:
         """The halves of ``stats``, or ``None`` where one is empty or some rows have no fold (as
         :meth:`BlockStatistics.halves`)."""
+        stats._check_folds()
         stats.finish()
         count, fold_count, unassigned = stats.host_counts()
         if unassigned > 0 or fold_count <= 0 or fold_count >= count:
@@ -1505,6 +1527,7 @@ def validated_selection(
     ridges: tuple[float, ...] = REFIT_RIDGES,
     phase: Phase = _run,
     validation_dtype: torch.dtype | None = None,
+    release_folds: bool = False,
 ) -> tuple[SelectionResult, RefitChoice]:
     """Selection and re-fit ridge chosen on held-out halves of the calibration data (the pruner's default path).
 
@@ -1532,7 +1555,9 @@ def validated_selection(
 
     ``phase(name, step)`` runs every step (``weight_gram``, ``select_residual``, ``validate_1``, ``select_refit``,
     ``validate_2``) and returns its result: a benchmark times them through it. ``validation_dtype``: the
-    precision of the validations (default: the statistics'; see :func:`selection_precision`).
+    precision of the validations (default: the statistics'; see :func:`selection_precision`). ``release_folds``:
+    ``stats`` may free its fold sums once no validation is left (:meth:`BlockStatistics.release_folds`: on the
+    trusted path, before the re-fit threshold forms its workspace), where the caller reads them no more.
     """
     gram_w = phase("weight_gram", lambda: weight_gram(weight, stats))  # shared by both selections and validations
     dtype = stats.dtype if validation_dtype is None else validation_dtype
@@ -1561,6 +1586,9 @@ def validated_selection(
             # nothing after the re-fit threshold reads the validation's W^T W on this path (no second validation,
             # no plain residual): its width^2 matrix goes back before the threshold's own width^2 workspace exists
             del gram_w
+            if release_folds:  # nor the halves: the fold sums' width^2 matrix goes back too
+                shared.clear()
+                stats.release_folds()
         other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w, result.output_energy))
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return dataclasses.replace(result, refit=other.refit), choice  # and its re-fit is at hand

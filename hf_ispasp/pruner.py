@@ -435,7 +435,9 @@ class ISpaSPPruner:
             return self._select_in(adapter, block, stats, generator, keep, weight, bias, validate, selection,
                                    validation)
         except torch.linalg.LinAlgError as err:
-            if selection == validation == stats.dtype:
+            # released fold sums (after the last validation, see validated_selection): the failure was in the
+            # accumulation precision's re-fit threshold, which a rerun would repeat
+            if selection == validation == stats.dtype or stats.folds_released:
                 raise
             full = str(stats.dtype).removeprefix("torch.")
             logger.info("i-SpaSP: %s: a float32 factorisation failed (%s); selecting in %s", block.name,
@@ -509,6 +511,7 @@ class ISpaSPPruner:
             stats, weight, bias, block.group_size, select, threshold=config.threshold,
             refit_threshold=config.threshold == "refit" and config.selection == "ispasp", refit=config.refit,
             ridges=tuple(sorted(set(REFIT_RIDGES) | {float(config.refit_damping)})), validation_dtype=validation_dtype,
+            release_folds=True,  # the block's statistics are its own; nothing reads their halves after selection
         )
         if not choice.validated:
             self._warn_unvalidated(block, stats)

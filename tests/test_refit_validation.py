@@ -585,3 +585,64 @@ def test_the_pruner_takes_the_refit_the_threshold_carried():
     assert calls and all(calls)  # every re-fit had the threshold's at hand
     for (name, a), (_, b) in zip(carried_model.state_dict().items(), fresh_model.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Fold sums released once no validation is left -----------------------------------------------------------------
+def _trust_case(rows: int, width: int = 40):
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(width, width, generator=gen, dtype=torch.float64)
+    stats = _split_stats(torch.randn(rows, width, generator=gen, dtype=torch.float64) @ mix + 0.5)
+    w = torch.randn(6, width, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+
+    def select(threshold, damping, anchored, gram_w, energy):
+        return select_groups(stats, w, 1, width // 2, threshold=threshold, centered=True, anchored=anchored,
+                             damping=1e-4 if damping is None else damping, weight_gram=gram_w, output_energy=energy)
+
+    return stats, w, b, select
+
+
+@pytest.mark.parametrize("rows", [159, 160])
+def test_fold_sums_are_released_only_where_no_validation_is_left(rows):
+    """With release_folds, a trusted block (160 tokens for 40 columns) frees its fold sums before the re-fit
+    threshold runs, and selects exactly as without; a block that still needs its second validation (159) keeps
+    them. Released statistics refuse, by name, whatever would read the fold sums they no longer hold."""
+    stats, w, b, select = _trust_case(rows)
+    kept, kept_choice = validated_selection(stats, w, b, 1, select, threshold="residual", refit_threshold=True,
+                                            refit=True)
+    released_at = []
+
+    def phase(name, step):
+        released_at.append((name, stats.folds_released))
+        return step()
+
+    result, choice = validated_selection(stats, w, b, 1, select, threshold="residual", refit_threshold=True,
+                                         refit=True, phase=phase, release_folds=True)
+    assert torch.equal(result.groups, kept.groups) and choice == kept_choice
+    trusted = rows == 160
+    assert stats.folds_released is trusted
+    assert dict(released_at).get("select_refit") is trusted and not dict(released_at)["validate_1"]
+    if trusted:
+        for read in (stats.halves, lambda: stats.to(dtype=torch.float32), stats.tensors,
+                     lambda: validate_refit(stats, w, b, result.groups, 1)):
+            with pytest.raises(ValueError, match="release_folds"):
+                read()
+
+
+def test_a_failure_after_the_folds_are_released_is_raised_not_rerun(monkeypatch):
+    """The pruner reruns a block's selection in float64 where a float32 factorisation failed; once the fold sums
+    are released (a trusted block, after its validation) the failure can only be the float64 re-fit threshold's,
+    which a rerun would repeat: it is raised as it is, not turned into a missing-halves error."""
+    from hf_ispasp import algorithm as alg
+
+    original = alg._Problem.refit_threshold
+
+    def failing(self, *args, **kwargs):
+        if self.stats.folds_released:
+            raise torch.linalg.LinAlgError("refit_threshold: a downdate's pivot block is singular (test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(alg._Problem, "refit_threshold", failing)
+    data = token_batches(num=96, batch_size=16, seed=4)  # trusted attention blocks: the folds go, then it fails
+    with pytest.raises(torch.linalg.LinAlgError, match="pivot block is singular"):
+        _prune(tiny_text_model("bert"), data)
