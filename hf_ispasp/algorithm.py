@@ -1370,6 +1370,8 @@ class HeldOutHalves:
 
     def __init__(self, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool,
                  dtype: torch.dtype) -> None:
+        # gram_w (W^T W) is read here only, a block of rows at a time in ``dtype``: it may be in another precision
+        # (the selection's), and nothing holds it afterwards
         stats.finish()
         count, fold_count, _ = stats.host_counts()
         self.stats, self.w, self.centered, self.dtype = stats, w, centered, dtype
@@ -1422,7 +1424,7 @@ class HeldOutHalves:
         parts = []
         for start in range(0, self.stats.width, _ROWS):
             rows = slice(start, start + _ROWS)
-            parts.append(self._centred(half, self._raw(half, rows), rows).mul_(gram_w[rows]).sum())
+            parts.append(self._centred(half, self._raw(half, rows), rows).mul_(gram_w[rows].to(self.dtype)).sum())
         return torch.stack(parts).sum()
 
     def fold(self, half: int, cols: torch.Tensor) -> Fold:
@@ -1450,6 +1452,7 @@ def validate_refit(
     weight_gram: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     halves: HeldOutHalves | None = None,
+    plain: float | None = None,
 ) -> RefitChoice:
     """Choose the re-fit ridge by 2-fold cross-validation on the two halves of the calibration statistics.
 
@@ -1463,16 +1466,22 @@ def validate_refit(
     ``dtype``: the precision of the validation (default: the statistics'), with the values of a validation of
     ``stats.to(dtype=dtype)`` but without that copy of the sums (``weight_gram``, if given, is in ``dtype``).
     ``halves``: the :class:`HeldOutHalves` of ``stats`` for this weight, bias and precision, where the caller
-    validates the block more than once (the parts every support shares are then formed once).
+    validates the block more than once (the parts every support shares are then formed once). ``plain``: the
+    residual of ``groups`` without re-fit on all the data, where the caller has it (a selection's
+    :attr:`SelectionResult.residual`); with both, ``W^T W`` is neither read nor formed.
     """
     dtype = stats.dtype if dtype is None else dtype
     cols = group_columns(groups, group_size, stats.gram.device)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
-    gram_w = _weight_gram(w) if weight_gram is None else weight_gram  # tr(W C W^T) = sum(C * W^T W)
-    plain = _plain_residual(stats, gram_w, cols, dtype)
     centered = bias is not None
+    gram_w = None
+    if plain is None or halves is None:  # tr(W C W^T) = sum(C * W^T W)
+        gram_w = _weight_gram(w) if weight_gram is None else weight_gram
+    if plain is None:
+        plain = _plain_residual(stats, gram_w, cols, dtype)
     if halves is None:
         halves = HeldOutHalves.of(stats, w, gram_w, centered, dtype)
+    del gram_w  # not needed by the folds' scores
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
     n = stats.rows
@@ -1559,46 +1568,46 @@ def validated_selection(
     ``stats`` may free its fold sums once no validation is left (:meth:`BlockStatistics.release_folds`: on the
     trusted path, before the re-fit threshold forms its workspace), where the caller reads them no more.
     """
-    gram_w = phase("weight_gram", lambda: weight_gram(weight, stats))  # shared by both selections and validations
+    gram_w: torch.Tensor | None = phase("weight_gram", lambda: weight_gram(weight, stats))
     dtype = stats.dtype if validation_dtype is None else validation_dtype
-
     shared: list[HeldOutHalves | None] = []  # the halves' support-independent parts, formed by the first validation
 
-    def validate(groups: torch.Tensor, grid: tuple[float, ...] = ridges) -> RefitChoice:
+    def validate(selected: SelectionResult, grid: tuple[float, ...] = ridges) -> RefitChoice:
+        # plain selection's residual is the selection's own (it fits nothing); W^T W is read once, by the halves
+        nonlocal gram_w
         if not shared:
             w = weight.detach().to(device=stats.gram.device, dtype=dtype)
             shared.append(HeldOutHalves.of(stats, w, gram_w, bias is not None, dtype))
-        return validate_refit(stats, weight, bias, groups, group_size, grid, gram_w, dtype, halves=shared[0])
+            if selecting_gram_w is None:  # nothing else reads it: it goes back before the folds' scores
+                gram_w = None
+        if shared[0] is None:
+            return RefitChoice(None, selected.residual, selected.residual, validated=False)
+        return validate_refit(stats, weight, bias, selected.groups, group_size, grid, dtype=dtype,
+                              halves=shared[0], plain=selected.residual)
 
     first = "residual" if refit_threshold else threshold
     result = phase("select_residual", lambda: select(first, None, False, gram_w, None))
-    selecting_gram_w: torch.Tensor | None = gram_w
-    if dtype != gram_w.dtype:
-        # From here W^T W is held in the validation's precision only: the re-fit threshold forms its own where it
-        # needs one (at the end, after its width^2 matrices are gone), so no width^2 matrix of the selection's
-        # precision outlives a phase.
-        gram_w, selecting_gram_w = gram_w.to(dtype), None
-    choice = phase("validate_1", lambda: validate(result.groups))
+    # The re-fit threshold shares W^T W where the validations run in the selection's precision; otherwise no
+    # width^2 matrix of the selection's precision outlives the first validation (the threshold forms its own
+    # where it needs one, at the end, after its width^2 matrices are gone).
+    selecting_gram_w = gram_w if dtype == gram_w.dtype else None
+    choice = phase("validate_1", lambda: validate(result))
     if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
         ridge = choice.ridge
         trusted = refit and well_posed(stats, TRUSTED_SUPPORT_ROWS_PER_COLUMN)
-        if trusted:
-            # nothing after the re-fit threshold reads the validation's W^T W on this path (no second validation,
-            # no plain residual): its width^2 matrix goes back before the threshold's own width^2 workspace exists
-            del gram_w
-            if release_folds:  # nor the halves: the fold sums' width^2 matrix goes back too
-                shared.clear()
-                stats.release_folds()
+        if trusted and release_folds:  # no second validation on this path: the fold sums' width^2 matrix goes back
+            shared.clear()
+            stats.release_folds()
         other = phase("select_refit", lambda: select("refit", ridge, True, selecting_gram_w, result.output_energy))
         if torch.equal(other.groups, result.groups):  # the same support validates the same way
             return dataclasses.replace(result, refit=other.refit), choice  # and its re-fit is at hand
         if not refit:  # plain selection's residual decides, and it needs no held-out halves
-            plain = _plain_residual(stats, gram_w, group_columns(other.groups, group_size, gram_w.device), dtype)
+            plain = other.residual
             return (other, RefitChoice(None, plain, plain)) if plain <= choice.plain else (result, choice)
         if trusted:  # too many tokens to overfit
             return other, dataclasses.replace(choice, support_validated=False)
         # at the ridge its support was selected with: one Cholesky solve per fold, not an eigendecomposition
-        other_choice = phase("validate_2", lambda: validate(other.groups, (ridge,)))
+        other_choice = phase("validate_2", lambda: validate(other, (ridge,)))
         if other_choice.ridge is not None and other_choice.heldout <= choice.heldout:
             result, choice = other, other_choice
     return result, choice

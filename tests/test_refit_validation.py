@@ -646,3 +646,24 @@ def test_a_failure_after_the_folds_are_released_is_raised_not_rerun(monkeypatch)
     data = token_batches(num=96, batch_size=16, seed=4)  # trusted attention blocks: the folds go, then it fails
     with pytest.raises(torch.linalg.LinAlgError, match="pivot block is singular"):
         _prune(tiny_text_model("bert"), data)
+
+
+@pytest.mark.parametrize("rows", [159, 160])
+def test_validations_read_w_t_w_once_and_take_plain_residuals_from_the_selections(rows, monkeypatch):
+    """W^T W is formed once per block (the selection's) and read by the validations only while the halves' shared
+    parts are formed; plain selection's residual, which fits nothing, is the selection's own (no second product of
+    the sums with W^T W), so a float32 validation of float64 sums holds no width^2 copy of W^T W at all."""
+    from hf_ispasp import algorithm as alg
+
+    stats, w, b, select = _trust_case(rows)
+    formed = []
+    original = alg._weight_gram
+    monkeypatch.setattr(alg, "_weight_gram", lambda weight: formed.append(1) or original(weight))
+    monkeypatch.setattr(alg, "_plain_residual", lambda *args: pytest.fail("plain residual recomputed"))
+    result, choice = validated_selection(stats, w, b, 1, select, threshold="residual", refit_threshold=True,
+                                         refit=True, validation_dtype=torch.float32)
+    assert len(formed) == 1 and choice.validated
+    # the plain residual of the support validated last, from its selection (the re-fit threshold's where a second
+    # validation chose it; the exact-residual one's where the trusted re-fit threshold's support was kept)
+    validated = result if choice.support_validated else select("residual", None, False, None, None)
+    assert choice.plain == validated.residual
