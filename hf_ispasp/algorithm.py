@@ -312,6 +312,13 @@ class BlockStatistics:
             raise ValueError("these statistics' fold sums were released (release_folds()): their halves are gone; "
                              "copy, sum or validate them before releasing the folds")
 
+    def has_halves(self) -> bool:
+        """Whether both folds hold rows and every row has a fold (the held-out halves exist)."""
+        self._check_folds()
+        self.finish()
+        count, fold_count, unassigned = self.host_counts()
+        return unassigned <= 0 and 0 < fold_count < count
+
     def halves(self, dtype: torch.dtype | None = None) -> tuple[BlockStatistics, BlockStatistics] | None:
         """Statistics of the two folds (fold 1 = total - fold 0), or ``None`` when one is empty or unknown. (The
         validation reads the halves through :class:`HeldOutHalves` instead, without forming either.)
@@ -321,10 +328,7 @@ class BlockStatistics:
         matrix is formed a block of rows at a time. Fold 0 shares this object's fold sums where no cast is needed
         (read it, do not add to it).
         """
-        self._check_folds()
-        self.finish()
-        count, fold_count, unassigned = self.host_counts()
-        if unassigned > 0 or fold_count <= 0 or fold_count >= count:
+        if not self.has_halves():
             return None
         dtype = self.dtype if dtype is None else dtype
         second = torch.empty(self.gram.shape, dtype=dtype, device=self.gram.device)
@@ -958,9 +962,10 @@ class _Problem:
                 "refit_threshold: a downdate's pivot block is singular (the kept covariance is numerically "
                 "rank-deficient in this precision)"
             )
+        value = objective()
         if carried is not None and anchored:
-            carried.append(CarriedRefit(coef[group_columns(positions, g)], damping, ridge, centered, objective()))
-        return kept, objective()
+            carried.append(CarriedRefit(coef[group_columns(positions, g)], damping, ridge, centered, value))
+        return kept, value
 
 
 _GRAPH_STEPS = 64  # elimination steps per captured CUDA graph
@@ -1236,11 +1241,13 @@ def refit_projection(
         if anchored:
             rhs = rhs + ridge * w[:, cols].T
         new_weight = torch.linalg.solve(a, rhs).T.contiguous()
-    new_bias = None
-    if bias is not None:
-        b = _matching(bias, stats)
-        new_bias = b + w @ mean - new_weight @ mean[cols]
-    return new_weight, new_bias
+    return new_weight, _absorbed_bias(stats, w, bias, new_weight, mean, cols)
+
+
+def _absorbed_bias(stats: BlockStatistics, w: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor,
+                   mean: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+    """The re-fitted bias: it absorbs the mean output of what the re-fit changed (``None`` without a bias)."""
+    return None if bias is None else _matching(bias, stats) + w @ mean - new_weight @ mean[cols]
 
 
 def residual_after_refit(
@@ -1320,10 +1327,7 @@ def _carried_refit(carried: CarriedRefit, stats: BlockStatistics, weight: torch.
     cols = group_columns(groups, group_size, stats.gram.device)
     new_weight = carried.coefficients.T.contiguous()
     n = max(stats.rows, 1.0)
-    new_bias = None
-    if bias is not None:
-        mean = stats.total / n
-        new_bias = _matching(bias, stats) + w @ mean - new_weight @ mean[cols]
+    new_bias = _absorbed_bias(stats, w, bias, new_weight, stats.total / n, cols)
     pull = float((new_weight - w[:, cols]).pow(2).sum())
     return new_weight, new_bias, max(carried.objective - n * carried.ridge * pull, 0.0)
 
@@ -1371,8 +1375,7 @@ class HeldOutHalves:
     def __init__(self, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool,
                  dtype: torch.dtype) -> None:
         # gram_w (W^T W) is read here only, a block of rows at a time in ``dtype``: it may be in another precision
-        # (the selection's), and nothing holds it afterwards
-        stats.finish()
+        # (the selection's), and nothing holds it afterwards. Built by of(), which finishes the sums.
         count, fold_count, _ = stats.host_counts()
         self.stats, self.w, self.centered, self.dtype = stats, w, centered, dtype
         self.counts = (fold_count, count - fold_count)
@@ -1392,13 +1395,8 @@ class HeldOutHalves:
     def of(cls, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, dtype: torch.dtype
            ) -> HeldOutHalves | None:
         """The halves of ``stats``, or ``None`` where one is empty or some rows have no fold (as
-        :meth:`BlockStatistics.halves`)."""
-        stats._check_folds()
-        stats.finish()
-        count, fold_count, unassigned = stats.host_counts()
-        if unassigned > 0 or fold_count <= 0 or fold_count >= count:
-            return None
-        return cls(stats, w, gram_w, centered, dtype)
+        :meth:`BlockStatistics.has_halves`)."""
+        return cls(stats, w, gram_w, centered, dtype) if stats.has_halves() else None
 
     def _raw(self, half: int, rows: slice | torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Rows (and, with ``cols``, columns) of half ``half``'s Gram sums in the validation's precision."""
@@ -1474,14 +1472,13 @@ def validate_refit(
     cols = group_columns(groups, group_size, stats.gram.device)
     w = weight.detach().to(device=stats.gram.device, dtype=dtype)
     centered = bias is not None
-    gram_w = None
-    if plain is None or halves is None:  # tr(W C W^T) = sum(C * W^T W)
+    if plain is None or halves is None:  # both read W^T W (tr(W C W^T) = sum(C * W^T W)); the folds' scores do not
         gram_w = _weight_gram(w) if weight_gram is None else weight_gram
-    if plain is None:
-        plain = _plain_residual(stats, gram_w, cols, dtype)
-    if halves is None:
-        halves = HeldOutHalves.of(stats, w, gram_w, centered, dtype)
-    del gram_w  # not needed by the folds' scores
+        if plain is None:
+            plain = _plain_residual(stats, gram_w, cols, dtype)
+        if halves is None:
+            halves = HeldOutHalves.of(stats, w, gram_w, centered, dtype)
+        del gram_w  # one formed here goes back before the folds
     if halves is None:
         return RefitChoice(None, plain, plain, validated=False)
     n = stats.rows
@@ -1570,6 +1567,10 @@ def validated_selection(
     """
     gram_w: torch.Tensor | None = phase("weight_gram", lambda: weight_gram(weight, stats))
     dtype = stats.dtype if validation_dtype is None else validation_dtype
+    # The re-fit threshold shares W^T W where the validations run in the selection's precision; otherwise no
+    # width^2 matrix of the selection's precision outlives the first validation (the threshold forms its own
+    # where it needs one, at the end, after its width^2 matrices are gone).
+    selecting_gram_w = gram_w if dtype == gram_w.dtype else None
     shared: list[HeldOutHalves | None] = []  # the halves' support-independent parts, formed by the first validation
 
     def validate(selected: SelectionResult, grid: tuple[float, ...] = ridges) -> RefitChoice:
@@ -1587,10 +1588,6 @@ def validated_selection(
 
     first = "residual" if refit_threshold else threshold
     result = phase("select_residual", lambda: select(first, None, False, gram_w, None))
-    # The re-fit threshold shares W^T W where the validations run in the selection's precision; otherwise no
-    # width^2 matrix of the selection's precision outlives the first validation (the threshold forms its own
-    # where it needs one, at the end, after its width^2 matrices are gone).
-    selecting_gram_w = gram_w if dtype == gram_w.dtype else None
     choice = phase("validate_1", lambda: validate(result))
     if refit_threshold and choice.ridge is not None and not math.isinf(choice.ridge):
         ridge = choice.ridge

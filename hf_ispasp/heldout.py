@@ -80,8 +80,8 @@ def fold_scores(
                            strict=True):
         q = form().mul_(rotated)
         quadratic.append(power * ((d @ q) * d).sum(1))
-        last = q.sum()  # of M * P P^T (the last form): the infinite ridge's tr(P^T M P)
-        del q
+    last = q.sum()  # of M * P P^T (the last form): the infinite ridge's tr(P^T M P)
+    del q
     spread = spread + sum(quadratic)
     weighted = d * delta_s  # (ridges x k)
     shifted = weighted @ b + r[:, None] * (weighted @ p)  # (ridges x d)
