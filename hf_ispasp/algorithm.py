@@ -899,37 +899,89 @@ class _Problem:
             coef = inv @ cross  # Z
             augmented = total - (cross * coef).sum()  # the (augmented) objective at the merged support (on device)
             del cross
-        kept = support
 
-        def objective() -> float:
+        def objective(kept: torch.Tensor, augmented: torch.Tensor) -> float:
             if not anchored:
                 return max(float(augmented), 0.0) * n
             dropped = float(column_sq.sum() - column_sq[group_columns(kept, g)].sum())
             return max(float(augmented) - ridge * dropped, 0.0) * n
 
-        if path is not None:
-            path.append((len(kept), objective()))
+        start = len(path) if path is not None else 0
+        # the factored downdates leave inv as it is: a rerun in place needs only the starting coefficients again
+        # (W^T itself on the whole block, anchored: no copy of it is kept)
+        first = None if everything and anchored else coef.clone()
+        augmented_start = augmented
+        kept, positions, augmented, failed = self._eliminate(inv, coef, augmented, support, keep, ridge, column_sq,
+                                                             anchored, partitions, steps, path, objective)
+        if failed:  # rounding made a pivot block indefinite for the factors: downdate P itself (as LU allows)
+            logger.debug("refit_threshold: a factored downdate's pivot block is not positive definite; "
+                         "eliminating again with in-place downdates")
+            if path is not None:
+                del path[start:]
+            coef = self.weight.T.to(inv).clone(memory_format=torch.contiguous_format) if first is None else first
+            kept, positions, augmented, failed = self._eliminate(inv, coef, augmented_start, support, keep, ridge,
+                                                                 column_sq, anchored, partitions, steps, path,
+                                                                 objective, factored=False)
+        if failed:
+            raise torch.linalg.LinAlgError(
+                "refit_threshold: a downdate's pivot block is singular (the kept covariance is numerically "
+                "rank-deficient in this precision)"
+            )
+        value = objective(kept, augmented)
+        if carried is not None and anchored:
+            carried.append(CarriedRefit(coef[group_columns(positions, g)], damping, ridge, centered, value))
+        return kept, value
+
+    def _eliminate(
+        self, inv: torch.Tensor, coef: torch.Tensor, augmented: torch.Tensor, support: torch.Tensor, keep: int,
+        ridge: float, column_sq: torch.Tensor, anchored: bool, partitions: int, steps: int,
+        path: list[tuple[int, float]] | None, objective: Callable[[torch.Tensor, torch.Tensor], float],
+        factored: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """The OBS elimination of :meth:`refit_threshold` from ``P = inv`` and ``Z = coef`` (downdated in place) down
+        to ``keep`` groups. Returns the kept groups, their positions in ``inv`` and ``coef``, the augmented objective
+        and whether a solve failed (read once, at the end: not a wait per chunk).
+
+        ``factored``: ``inv`` stays ``P_0`` and the downdates are kept as factors, ``P_t = P_0 - F F^T`` with
+        ``F = [u_1 .. u_t]``, ``u_t = P_{t-1}[:, D] L^-T`` and ``L L^T = P_{t-1}[D, D]``; a chunk reads ``P_t``'s
+        rows ``D`` and its diagonal (blocks) from them, width x rank work per chunk instead of a width^2 update of
+        ``P`` (in place those cost as much as the inverse itself), for one width x dropped-columns matrix of
+        factors. A pivot block that rounding made indefinite fails its Cholesky factorisation; in place
+        (``factored`` False), ``P`` itself is downdated through an LU solve of the pivot block, which fails only
+        on an exactly singular one.
+        """
+        g = self.group_size
         chunk = max(1, (len(support) - keep) // steps)  # 16 downdates: matrix-matrix work, near-greedy quality
         # inv and coef keep the merged support's size: rows and columns of the groups that left are stale and never
         # read again (positions: where the kept groups sit in them), so no downdate gathers a kept x kept copy
+        kept = support
         positions = torch.arange(len(support), device=support.device)
-        failures: list[torch.Tensor] = []  # solver status per chunk, read once at the end (not a wait per chunk)
+        failures: list[torch.Tensor] = []  # solver status per chunk
 
         def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             solution, info = torch.linalg.solve_ex(a, b)
             failures.append(info.reshape(-1))
             return solution
 
+        blocks, rank = len(support), 0
+        factors = torch.empty(inv.shape[0], (blocks - keep) * g if factored else 0, dtype=inv.dtype,
+                              device=inv.device)
+        if g == 1:
+            diagonal = torch.diagonal(inv)
+        else:  # blocks x g x g
+            diagonal = torch.diagonal(inv.reshape(blocks, g, blocks, g), dim1=0, dim2=2).permute(2, 0, 1)
+        if factored:
+            diagonal = diagonal.clone()
+        if path is not None:
+            path.append((len(kept), objective(kept, augmented)))
         while len(kept) > keep:
             m = len(kept)
             live = group_columns(positions, g)
             zb = coef[live].reshape(m, g, -1)
             if g == 1:
-                cost = zb.pow(2).sum((1, 2)) / torch.diagonal(inv)[live].clamp_min(torch.finfo(inv.dtype).tiny)
+                cost = zb.pow(2).sum((1, 2)) / diagonal[live].clamp_min(torch.finfo(inv.dtype).tiny)
             else:
-                blocks = len(support)
-                pb = torch.diagonal(inv.reshape(blocks, g, blocks, g), dim1=0, dim2=2).permute(2, 0, 1)[positions]
-                cost = (zb * solve(pb, zb)).sum((1, 2))
+                cost = (zb * solve(diagonal[positions], zb)).sum((1, 2))
             if anchored:  # the augmented objective charges ridge ||W_j||^2 for a dropped group; the true one not
                 cost = cost - ridge * _group_sum(column_sq[group_columns(kept, g)], g)
             order = torch.argsort(cost, stable=True)
@@ -943,29 +995,39 @@ class _Problem:
             else:
                 drop, stay = order[: min(chunk, m - keep)], torch.sort(order[min(chunk, m - keep) :]).values
             idx = group_columns(positions[drop], g)
-            # P[D, :]: the only gather, of whole rows (a strided gather of columns P[:, D] was about a tenth of the
-            # re-fit threshold on a CPU); its transpose serves as P[:, D], equal up to the rounding of the downdates
-            p_d = inv[idx]
-            p_j = p_d.T
-            leaving_coef = coef[idx]
-            solved = solve(p_d[:, idx], torch.cat([p_d, leaving_coef], 1))
-            # The objective grows by exactly tr(Z_D^T P_DD^-1 Z_D) (the joint OBS cost of the chunk).
-            augmented = augmented + (leaving_coef * solved[:, inv.shape[0] :]).sum()  # no host read per chunk
-            # Schur downdate in place, one fused multiply-subtract each: exact on the rows and columns that stay
-            inv.addmm_(p_j, solved[:, : inv.shape[0]], alpha=-1)
-            coef.addmm_(p_j, solved[:, inv.shape[0] :], alpha=-1)
+            # P_t[D, :] (whole rows: a strided gather of columns P[:, D] was about a tenth of the re-fit threshold
+            # on a CPU); its transpose serves as P[:, D], equal up to the rounding of the downdates
+            rows = inv.index_select(0, idx)
+            if factored:
+                if rank:
+                    rows.addmm_(factors[idx, :rank], factors[:, :rank].T, alpha=-1)
+                pivot, info = torch.linalg.cholesky_ex(rows[:, idx])
+                failures.append(info.reshape(-1))
+                u = torch.linalg.solve_triangular(pivot, rows, upper=False)  # L^-1 P_t[D, :]
+                leaving_coef = torch.linalg.solve_triangular(pivot, coef[idx], upper=False)  # L^-1 Z_D
+                # The objective grows by exactly tr(Z_D^T P_DD^-1 Z_D) (the joint OBS cost of the chunk).
+                augmented = augmented + leaving_coef.pow(2).sum()  # no host read per chunk
+                # Z -= P[:, D] P_DD^-1 Z_D; the diagonal (blocks) of P less u u^T's: exact on what stays
+                coef.addmm_(u.T, leaving_coef, alpha=-1)
+                if g == 1:
+                    diagonal.sub_(u.pow(2).sum(0))
+                else:
+                    ub = u.reshape(len(idx), blocks, g).permute(1, 2, 0)  # blocks x g x |D|
+                    diagonal.baddbmm_(ub, ub.transpose(1, 2), alpha=-1)
+                factors[:, rank : rank + len(idx)] = u.T
+                rank += len(idx)
+            else:
+                leaving_coef = coef[idx]
+                solved = solve(rows[:, idx], torch.cat([rows, leaving_coef], 1))
+                augmented = augmented + (leaving_coef * solved[:, inv.shape[0] :]).sum()
+                # Schur downdate in place, one fused multiply-subtract each: exact on the rows and columns that stay
+                inv.addmm_(rows.T, solved[:, : inv.shape[0]], alpha=-1)
+                coef.addmm_(rows.T, solved[:, inv.shape[0] :], alpha=-1)
             kept, positions = kept[stay], positions[stay]
             if path is not None:
-                path.append((len(kept), objective()))
-        if failures and bool(torch.cat(failures).any()):
-            raise torch.linalg.LinAlgError(
-                "refit_threshold: a downdate's pivot block is singular (the kept covariance is numerically "
-                "rank-deficient in this precision)"
-            )
-        value = objective()
-        if carried is not None and anchored:
-            carried.append(CarriedRefit(coef[group_columns(positions, g)], damping, ridge, centered, value))
-        return kept, value
+                path.append((len(kept), objective(kept, augmented)))
+        failed = bool(torch.cat(failures).any()) if failures else False
+        return kept, positions, augmented, failed
 
 
 _GRAPH_STEPS = 64  # elimination steps per captured CUDA graph

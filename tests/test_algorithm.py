@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -537,22 +538,90 @@ def test_host_counts_follow_the_sums():
     assert (first.rows, second.rows) == (12.0, 18.0) and second.rows == float(second.count)
 
 
-def test_refit_threshold_raises_on_a_singular_downdate(monkeypatch):
-    """The downdates' solver status is read once, after the elimination: a failed solve still raises
-    ``LinAlgError`` (the pruner then selects again in float64)."""
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_refit_threshold_raises_on_a_singular_downdate(monkeypatch, group_size):
+    """The downdates' solver status is read once, after the elimination: where the factored downdates and the
+    in-place ones both fail, ``LinAlgError`` is raised (the pruner then selects again in float64)."""
     h, w, _ = _planted()
     stats = _stats(h)
-    real = torch.linalg.solve_ex
+    real = {name: getattr(torch.linalg, name) for name in ("cholesky_ex", "solve_ex")}
 
-    def failing(a, b):
-        solution, info = real(a, b)
-        return solution, torch.ones_like(info)
+    def failing(name):
+        def solver(*args, **kwargs):
+            solution, info = real[name](*args, **kwargs)
+            return solution, torch.ones_like(info)
+        return solver
 
-    monkeypatch.setattr(torch.linalg, "solve_ex", failing)
+    for name in real:
+        monkeypatch.setattr(torch.linalg, name, failing(name))
     with pytest.raises(torch.linalg.LinAlgError, match="singular"):
-        select_groups(stats, w, 1, 6, threshold="refit")
-    monkeypatch.setattr(torch.linalg, "solve_ex", real)
-    assert len(select_groups(stats, w, 1, 6, threshold="refit").groups) == 6
+        select_groups(stats, w, group_size, 6 // group_size, threshold="refit")
+    for name, solver in real.items():
+        monkeypatch.setattr(torch.linalg, name, solver)
+    assert len(select_groups(stats, w, group_size, 6 // group_size, threshold="refit").groups) == 6 // group_size
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_an_indefinite_factored_pivot_eliminates_again_in_place(monkeypatch, caplog, group_size):
+    """A pivot block that rounding made indefinite fails the factored downdates' Cholesky factorisation; the
+    elimination then runs again with the in-place (LU) downdates, from the same inverse, and selects as before."""
+    h, w, _ = _planted()
+    stats = _stats(h)
+    kwargs = dict(threshold="refit", damping=1e-3, anchored=True)
+    expected = select_groups(stats, w, group_size, 6 // group_size, **kwargs)
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def indefinite(a, **kw):  # only the downdates' pivot blocks (the inverse's leaves are the whole 24 columns)
+        factor, info = real(a, **kw)
+        calls.append(a.shape[0])
+        return (factor, torch.ones_like(info)) if a.shape[0] < 24 else (factor, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", indefinite)
+    with caplog.at_level(logging.DEBUG, logger="hf_ispasp"):
+        again = select_groups(stats, w, group_size, 6 // group_size, **kwargs)
+    assert any(c < 24 for c in calls) and "eliminating again with in-place downdates" in caplog.text
+    assert torch.equal(again.groups, expected.groups)
+    torch.testing.assert_close(again.residual_history, expected.residual_history, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize(("group_size", "partitions", "anchored"), [(1, 1, True), (1, 2, False), (3, 1, True),
+                                                                     (3, 2, True)])
+def test_factored_downdates_equal_the_in_place_ones(group_size, partitions, anchored):
+    """The factored elimination (P_0 less the downdates' factors) and the in-place Schur downdates of P drop the
+    same groups and reach the same objective and re-fitted coefficients, up to rounding."""
+    from hf_ispasp.algorithm import _moments, _Problem
+
+    gen = torch.Generator().manual_seed(11)
+    width = 48
+    h = torch.randn(900, width, generator=gen, dtype=torch.float64) @ torch.randn(width, width, generator=gen,
+                                                                                 dtype=torch.float64)
+    w = torch.randn(10, width, generator=gen, dtype=torch.float64)
+    stats = _stats(torch.relu(h))
+    problem = _Problem(stats, w, group_size)
+    groups = width // group_size
+    cov = _moments(stats, True)[1]
+    ridge = 1e-2 * float(cov.diagonal().mean())
+    inv = torch.linalg.inv(cov + ridge * torch.eye(width, dtype=torch.float64))
+    column_sq = w.pow(2).sum(0)
+    support = torch.arange(groups)
+    results = []
+    for factored in (True, False):
+        path: list = []
+        coef = inv @ (cov @ w.T + ridge * w.T)
+        augmented = torch.tensor(0.0, dtype=torch.float64)
+        kept, positions, value, failed = problem._eliminate(
+            inv.clone(), coef, augmented, support, groups // 4, ridge, column_sq, anchored, partitions, 5, path,
+            lambda kept, a: float(a), factored=factored)
+        assert not failed and len(kept) == groups // 4
+        results.append((kept, coef[group_columns(positions, group_size)], float(value), path))
+    (kept_f, coef_f, value_f, path_f), (kept_i, coef_i, value_i, path_i) = results
+    assert torch.equal(kept_f, kept_i)
+    torch.testing.assert_close(coef_f, coef_i, rtol=1e-9, atol=1e-9)
+    assert [k for k, _ in path_f] == [k for k, _ in path_i]
+    torch.testing.assert_close(torch.tensor([v for _, v in path_f]), torch.tensor([v for _, v in path_i]),
+                               rtol=1e-9, atol=1e-9)
+    assert value_f == pytest.approx(value_i, rel=1e-9)
 
 
 def test_a_given_output_energy_measures_the_refit_residual_on_the_dropped_columns():
