@@ -907,8 +907,7 @@ class _Problem:
             return max(float(augmented) - ridge * dropped, 0.0) * n
 
         start = len(path) if path is not None else 0
-        # the factored downdates leave inv as it is: a rerun in place needs only the starting coefficients again
-        # (W^T itself on the whole block, anchored: no copy of it is kept)
+        # a rerun in place starts from the same coefficients (W^T itself on the whole block, anchored: no copy)
         first = None if everything and anchored else coef.clone()
         augmented_start = augmented
         kept, positions, augmented, failed = self._eliminate(inv, coef, augmented, support, keep, ridge, column_sq,
@@ -918,6 +917,9 @@ class _Problem:
                          "eliminating again with in-place downdates")
             if path is not None:
                 del path[start:]
+            del inv  # its dropped rows hold the factors: inverted again (a rare path)
+            inv = _spd_inverse([system(_moments(self.stats, centered)[1])],
+                               lambda: system(_moments(self.stats, centered)[1]))
             coef = self.weight.T.to(inv).clone(memory_format=torch.contiguous_format) if first is None else first
             kept, positions, augmented, failed = self._eliminate(inv, coef, augmented_start, support, keep, ridge,
                                                                  column_sq, anchored, partitions, steps, path,
@@ -942,13 +944,15 @@ class _Problem:
         to ``keep`` groups. Returns the kept groups, their positions in ``inv`` and ``coef``, the augmented objective
         and whether a solve failed (read once, at the end: not a wait per chunk).
 
-        ``factored``: ``inv`` stays ``P_0`` and the downdates are kept as factors, ``P_t = P_0 - F F^T`` with
-        ``F = [u_1 .. u_t]``, ``u_t = P_{t-1}[:, D] L^-T`` and ``L L^T = P_{t-1}[D, D]``; a chunk reads ``P_t``'s
-        rows ``D`` and its diagonal (blocks) from them, width x rank work per chunk instead of a width^2 update of
-        ``P`` (in place those cost as much as the inverse itself), for one width x dropped-columns matrix of
-        factors. A pivot block that rounding made indefinite fails its Cholesky factorisation; in place
-        (``factored`` False), ``P`` itself is downdated through an LU solve of the pivot block, which fails only
-        on an exactly singular one.
+        ``factored``: ``P`` is not downdated; its downdates are kept as factors, ``P_t = P_0 - F^T F`` with
+        ``F = [u_1; ..; u_t]``, ``u_t = L^-1 P_{t-1}[D, :]`` and ``L L^T = P_{t-1}[D, D]``, and a chunk reads
+        ``P_t``'s rows ``D`` and its diagonal (blocks) from them: width x rank work per chunk instead of a width^2
+        update of ``P`` (in place those cost as much as the inverse itself). ``u_t`` is stored in ``P``'s rows
+        ``D``, which nothing reads once ``D`` has left (columns are never mixed: row ``j`` of ``Z`` and entry ``j`` of
+        the diagonal read column ``j`` of ``P`` and the factors only), so the factors take no memory of their own;
+        ``inv`` is spent. A pivot block that rounding made indefinite fails its Cholesky factorisation; in place
+        (``factored`` False), ``P`` itself is downdated through an LU solve of the pivot block, which fails only on
+        an exactly singular one.
         """
         g = self.group_size
         chunk = max(1, (len(support) - keep) // steps)  # 16 downdates: matrix-matrix work, near-greedy quality
@@ -964,8 +968,7 @@ class _Problem:
             return solution
 
         blocks, rank = len(support), 0
-        factors = torch.empty(inv.shape[0], (blocks - keep) * g if factored else 0, dtype=inv.dtype,
-                              device=inv.device)
+        written = torch.empty((blocks - keep) * g if factored else 0, dtype=torch.long, device=inv.device)
         if g == 1:
             diagonal = torch.diagonal(inv)
         else:  # blocks x g x g
@@ -999,8 +1002,9 @@ class _Problem:
             # on a CPU); its transpose serves as P[:, D], equal up to the rounding of the downdates
             rows = inv.index_select(0, idx)
             if factored:
-                if rank:
-                    rows.addmm_(factors[idx, :rank], factors[:, :rank].T, alpha=-1)
+                for begin in range(0, rank, _ROWS):  # P_0[D, :] - F[:, D]^T F, F a block of its rows at a time
+                    factor_rows = inv.index_select(0, written[begin : min(begin + _ROWS, rank)])
+                    rows.addmm_(factor_rows[:, idx].T, factor_rows, alpha=-1)
                 pivot, info = torch.linalg.cholesky_ex(rows[:, idx])
                 failures.append(info.reshape(-1))
                 u = torch.linalg.solve_triangular(pivot, rows, upper=False)  # L^-1 P_t[D, :]
@@ -1014,7 +1018,8 @@ class _Problem:
                 else:
                     ub = u.reshape(len(idx), blocks, g).permute(1, 2, 0)  # blocks x g x |D|
                     diagonal.baddbmm_(ub, ub.transpose(1, 2), alpha=-1)
-                factors[:, rank : rank + len(idx)] = u.T
+                inv.index_copy_(0, idx, u)  # rows that left hold the factors
+                written[rank : rank + len(idx)] = idx
                 rank += len(idx)
             else:
                 leaving_coef = coef[idx]

@@ -763,3 +763,44 @@ def test_factored_energy_holds_no_width_squared_matrix(monkeypatch):
                                            torch.device("cpu"))
     assert torch.equal(results[True][0], results[False][0])
     assert results[False][1] >= matrix and results[True][1] <= 1.05 * alg._ROWS * width * 8 <= matrix / 3
+
+
+def test_factored_downdates_hold_no_factor_matrix():
+    """The factored elimination keeps its factors in the rows of P that left (nothing reads them again): beyond
+    P and Z it holds a block of factor rows and a chunk's rows at a time, about what the in-place downdates hold
+    plus one block of rows (under two fifths of a width x width matrix here), not the width x dropped-columns
+    matrix of factors (three quarters of one)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from peak_memory import peak_allocated
+
+    from hf_ispasp import algorithm as alg
+
+    gen = torch.Generator().manual_seed(3)
+    width = 2048
+    h = torch.relu(torch.randn(2600, width, generator=gen, dtype=torch.float64))
+    w = torch.randn(32, width, generator=gen, dtype=torch.float64)
+    stats = _stats(h)
+    cov = alg._moments(stats, True)[1]
+    ridge = 1e-2 * float(cov.diagonal().mean())
+    cov.diagonal().add_(ridge)
+    inverse = torch.linalg.inv(cov)
+    del cov
+    problem = alg._Problem(stats, w, 1)
+    column_sq = w.pow(2).sum(0)
+    results = {}
+    for factored in (True, False):
+        inv = inverse.clone()
+
+        def eliminate(inv=inv, factored=factored):
+            return problem._eliminate(inv, w.T.clone(), torch.zeros((), dtype=torch.float64), torch.arange(width),
+                                      width // 4, ridge, column_sq, True, 1, 16, None, lambda kept, a: float(a),
+                                      factored=factored)
+
+        results[factored] = peak_allocated(eliminate, torch.device("cpu"))
+    (kept, _, _, failed), peak = results[True]
+    assert not failed and torch.equal(kept, results[False][0][0])
+    matrix, block = width * width * 8, alg._ROWS * width * 8
+    assert 0 < peak <= results[False][1] + 1.25 * block <= 0.4 * matrix
