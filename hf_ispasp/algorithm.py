@@ -645,40 +645,57 @@ class _Problem:
         return "energy" in self.__dict__
 
     @functools.cached_property
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(G, W^T W)`` where :attr:`energy` is read from them instead of formed (accelerators, groups of one
-        column, both exactly symmetric so that a row is also a column): the elimination multiplies two rows per
-        step (one more kernel, inside its CUDA graph) and the selection holds one width^2 matrix less at its peak
-        (72 MB in float64 at BERT-base's FFN width, 0.9 GiB at LLaMA-7B's). ``None``: use :attr:`energy`."""
+    def factors(self) -> torch.Tensor | None:
+        """``G`` where :attr:`energy` is read from its factors instead of formed (accelerators, groups of one column,
+        ``G`` exactly symmetric so that a row is also a column): a row of ``E`` is ``G``'s times ``W^T W``'s
+        (:meth:`weight_gram_rows`), so the elimination multiplies two rows per step (a few more kernels, inside its
+        CUDA graph) and the selection holds one width^2 matrix less at its peak (72 MB in float64 at BERT-base's FFN
+        width, 0.9 GiB at LLaMA-7B's), two where the caller holds no ``W^T W`` either. A caller's ``W^T W`` must be
+        exactly symmetric too. ``None``: use :attr:`energy`."""
         if not _factors_energy(self.gram.device) or self.group_size != 1 or self.energy_formed:
             return None
-        weight_gram = self.weight_gram
-        if not (torch.equal(self.gram, self.gram.T) and torch.equal(weight_gram, weight_gram.T)):
+        if not torch.equal(self.gram, self.gram.T):
             return None
-        self._weight_gram = weight_gram  # kept: every step reads it
-        return self.gram, weight_gram
+        if self._weight_gram is not None and not torch.equal(self._weight_gram, self._weight_gram.T):
+            return None
+        return self.gram
+
+    def weight_gram_rows(self, rows: slice | torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (and, with ``cols``, columns) of ``W^T W``: the caller's, or ``W[:, rows]^T W`` formed for them (a
+        few rows of W^T W cost out x width multiply-adds each and no width^2 matrix)."""
+        indexed = isinstance(rows, torch.Tensor)  # index_select: no advanced indexing inside a CUDA graph's step
+        if self._weight_gram is not None:
+            if cols is not None:
+                return _submatrix(self._weight_gram, rows, cols)
+            return self._weight_gram.index_select(0, rows) if indexed else self._weight_gram[rows]
+        left = self.weight.index_select(1, rows) if indexed else self.weight[:, rows]
+        return left.T @ (self.weight if cols is None else self.weight.index_select(1, cols))
 
     def _energy_block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``E[rows][:, cols]`` from :attr:`factors` (which must be there), without forming ``E``."""
-        gram, weight_gram = self.factors
-        return _submatrix(gram, rows, cols) * _submatrix(weight_gram, rows, cols)
+        return _submatrix(self.factors, rows, cols) * self.weight_gram_rows(rows, cols)
+
+    def _energy_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows ``start:end`` of ``E`` from :attr:`factors` (which must be there)."""
+        return self.factors[start:end] * self.weight_gram_rows(slice(start, end))
 
     def _energy_times(self, vector: torch.Tensor) -> torch.Tensor:
         """``E @ vector``; from :attr:`factors` a block of rows at a time (no width^2 product)."""
         if self.factors is None:
             return self.energy @ vector
-        gram, weight_gram = self.factors
         out = torch.empty_like(vector)
         for start in range(0, len(vector), _ROWS):
             end = start + _ROWS
-            torch.mv(gram[start:end] * weight_gram[start:end], vector, out=out[start:end])
+            torch.mv(self._energy_rows(start, end), vector, out=out[start:end])
         return out
 
     @functools.cached_property
     def full_energy(self) -> float:
         if self.factors is not None:
-            gram, weight_gram = self.factors
-            return float(torch.dot(gram.reshape(-1), weight_gram.reshape(-1)))
+            if self._weight_gram is not None:
+                return float(torch.dot(self.factors.reshape(-1), self._weight_gram.reshape(-1)))
+            width = self.factors.shape[0]
+            return float(sum(self._energy_rows(start, start + _ROWS).sum() for start in range(0, width, _ROWS)))
         return float(self.energy.sum())
 
     def dropped_mask(self, support: torch.Tensor) -> torch.Tensor:
@@ -775,12 +792,14 @@ class _Problem:
             def add_row(target: torch.Tensor, index: torch.Tensor) -> None:
                 target.add_(energy_t.index_select(0, index).squeeze(0))
         else:  # groups of one column: E's rows from G's and W^T W's, E never formed
-            gram, weight_gram = self.factors
-            self_energy = torch.diagonal(gram) * torch.diagonal(weight_gram)
+            gram = self.factors
+            given = self._weight_gram
+            column_sq = (self.weight * self.weight).sum(0) if given is None else torch.diagonal(given)
+            self_energy = torch.diagonal(gram) * column_sq
             block_of = self._energy_block
 
             def add_row(target: torch.Tensor, index: torch.Tensor) -> None:
-                target.addcmul_(gram.index_select(0, index).squeeze(0), weight_gram.index_select(0, index).squeeze(0))
+                target.addcmul_(gram.index_select(0, index).squeeze(0), self.weight_gram_rows(index).squeeze(0))
         n, device = self.num_groups, energy_m.device
         # +inf on groups that cannot leave: the increase of a dropped (or protected) group is never the minimum
         blocked = torch.full((n,), torch.inf, dtype=energy_m.dtype, device=device)
@@ -1426,6 +1445,9 @@ class RefitChoice:
     support_validated: bool = True
 
 
+WeightGramRows = torch.Tensor | Callable[[slice], torch.Tensor]  # W^T W, or a block of its rows on demand
+
+
 class HeldOutHalves:
     """Both halves of a block's calibration sums as :func:`validate_refit` reads them (fold 1 = the sums less fold
     0), without a width^2 matrix of either: the parts every support shares (mean, count, ``tr(W C W^T)``, the
@@ -1439,10 +1461,11 @@ class HeldOutHalves:
     difference of the sums, then its centred moments in that copy): 75 MB in float32 at BERT-base's FFN width.
     """
 
-    def __init__(self, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool,
+    def __init__(self, stats: BlockStatistics, w: torch.Tensor, gram_w: WeightGramRows, centered: bool,
                  dtype: torch.dtype) -> None:
-        # gram_w (W^T W) is read here only, a block of rows at a time in ``dtype``: it may be in another precision
-        # (the selection's), and nothing holds it afterwards. Built by of(), which finishes the sums.
+        # gram_w (W^T W, or a function giving a block of its rows) is read here only, a block of rows at a time in
+        # ``dtype``: it may be in another precision (the selection's), and nothing holds it afterwards. Built by
+        # of(), which finishes the sums.
         count, fold_count, _ = stats.host_counts()
         self.stats, self.w, self.centered, self.dtype = stats, w, centered, dtype
         self.counts = (fold_count, count - fold_count)
@@ -1459,8 +1482,8 @@ class HeldOutHalves:
         self.totals = tuple(self._total(h, gram_w) for h in (0, 1))
 
     @classmethod
-    def of(cls, stats: BlockStatistics, w: torch.Tensor, gram_w: torch.Tensor, centered: bool, dtype: torch.dtype
-           ) -> HeldOutHalves | None:
+    def of(cls, stats: BlockStatistics, w: torch.Tensor, gram_w: WeightGramRows, centered: bool,
+           dtype: torch.dtype) -> HeldOutHalves | None:
         """The halves of ``stats``, or ``None`` where one is empty or some rows have no fold (as
         :meth:`BlockStatistics.has_halves`)."""
         return cls(stats, w, gram_w, centered, dtype) if stats.has_halves() else None
@@ -1484,12 +1507,13 @@ class HeldOutHalves:
             moment -= torch.outer(mean[rows], mean if cols is None else mean[cols])
         return moment
 
-    def _total(self, half: int, gram_w: torch.Tensor) -> torch.Tensor:
+    def _total(self, half: int, gram_w: WeightGramRows) -> torch.Tensor:
         """``tr(W C W^T) = sum(C * W^T W)`` over this half, a block of rows of ``C`` at a time."""
         parts = []
         for start in range(0, self.stats.width, _ROWS):
             rows = slice(start, start + _ROWS)
-            parts.append(self._centred(half, self._raw(half, rows), rows).mul_(gram_w[rows].to(self.dtype)).sum())
+            block = gram_w(rows) if callable(gram_w) else gram_w[rows]
+            parts.append(self._centred(half, self._raw(half, rows), rows).mul_(block.to(self.dtype)).sum())
         return torch.stack(parts).sum()
 
     def fold(self, half: int, cols: torch.Tensor) -> Fold:
@@ -1632,12 +1656,16 @@ def validated_selection(
     ``stats`` may free its fold sums once no validation is left (:meth:`BlockStatistics.release_folds`: on the
     trusted path, before the re-fit threshold forms its workspace), where the caller reads them no more.
     """
-    gram_w: torch.Tensor | None = phase("weight_gram", lambda: weight_gram(weight, stats))
+    # Where the elimination reads the energy from its factors (accelerators, groups of one column), W^T W is not
+    # formed: the elimination and the validation read the rows they need from W (no width^2 matrix: 72 MB in
+    # float64 at BERT-base's FFN width, 0.9 GiB at LLaMA-7B's).
+    on_demand = _factors_energy(stats.gram.device) and group_size == 1
+    gram_w: torch.Tensor | None = phase("weight_gram", lambda: None if on_demand else weight_gram(weight, stats))
     dtype = stats.dtype if validation_dtype is None else validation_dtype
     # The re-fit threshold shares W^T W where the validations run in the selection's precision; otherwise no
     # width^2 matrix of the selection's precision outlives the first validation (the threshold forms its own
     # where it needs one, at the end, after its width^2 matrices are gone).
-    selecting_gram_w = gram_w if dtype == gram_w.dtype else None
+    selecting_gram_w = gram_w if gram_w is not None and dtype == gram_w.dtype else None
     shared: list[HeldOutHalves | None] = []  # the halves' support-independent parts, formed by the first validation
 
     def validate(selected: SelectionResult, grid: tuple[float, ...] = ridges) -> RefitChoice:
@@ -1645,7 +1673,13 @@ def validated_selection(
         nonlocal gram_w
         if not shared:
             w = weight.detach().to(device=stats.gram.device, dtype=dtype)
-            shared.append(HeldOutHalves.of(stats, w, gram_w, bias is not None, dtype))
+            if gram_w is None:  # rows of W^T W in the selection's precision, a block at a time
+                selecting_w = _matching(weight, stats)
+                shared.append(HeldOutHalves.of(stats, w, lambda rows: selecting_w[:, rows].T @ selecting_w,
+                                               bias is not None, dtype))
+                del selecting_w
+            else:
+                shared.append(HeldOutHalves.of(stats, w, gram_w, bias is not None, dtype))
             if selecting_gram_w is None:  # nothing else reads it: it goes back before the folds' scores
                 gram_w = None
         if shared[0] is None:

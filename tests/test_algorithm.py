@@ -240,14 +240,17 @@ def test_invalid_partitions_are_clear_errors(width, keep, partitions, match):
         select_groups(_stats(h), w, 1, keep, partitions=partitions)
 
 
-@pytest.mark.parametrize(("group_size", "partitions", "width", "factored"),
-                         [(1, 1, 48, False), (3, 1, 48, False), (1, 2, 48, False), (2, 4, 48, False),
-                          (1, 1, 700, False), (1, 1, 48, True), (1, 2, 48, True), (1, 1, 700, True)])
-def test_device_elimination_equals_host_elimination(group_size, partitions, width, factored, monkeypatch):
+@pytest.mark.parametrize(("group_size", "partitions", "width", "factored", "given"),
+                         [(1, 1, 48, False, True), (3, 1, 48, False, True), (1, 2, 48, False, True),
+                          (2, 4, 48, False, True), (1, 1, 700, False, True), (1, 1, 48, True, True),
+                          (1, 2, 48, True, True), (1, 1, 700, True, True), (1, 1, 48, True, False),
+                          (1, 2, 48, True, False), (1, 1, 700, True, False)])
+def test_device_elimination_equals_host_elimination(group_size, partitions, width, factored, given, monkeypatch):
     """The accelerator loop of the exact-residual threshold (run here on CPU tensors) drops the same groups in the
     same order as the host loop, ties included, and reports the same residual path (width 700: the path is
     rebuilt from more drops than one block of rows). ``factored``: the accelerator's energy read from ``G`` and
-    ``W^T W`` (forced on the CPU), never formed."""
+    ``W^T W`` (forced on the CPU), never formed; ``given``: the caller's ``W^T W``, else its rows formed from ``W``
+    as the steps need them."""
     from hf_ispasp import algorithm as alg
     from hf_ispasp.algorithm import _ROWS, _Problem
 
@@ -258,7 +261,7 @@ def test_device_elimination_equals_host_elimination(group_size, partitions, widt
     w = torch.randn(6, width, generator=gen, dtype=torch.float64)
     stats = _stats(h)
     alg._mirror_lower(stats.gram)  # exactly symmetric, as an accelerator's panel sums are
-    problem = _Problem(stats, w, group_size, alg._symmetric_gram(w))
+    problem = _Problem(stats, w, group_size, alg._symmetric_gram(w) if given else None)
     assert (problem.factors is not None) is factored
     n = problem.num_groups
     merged = torch.sort(torch.randperm(n, generator=gen)[: n - n // (2 * partitions) * partitions // 2]).values
@@ -359,6 +362,41 @@ def test_selection_workspace_is_a_few_width_squared_matrices():
                                        cpu)
     assert chosen["ridge"] is not None  # the whole path ran: a re-fit was validated and installed
     assert 0 < peak <= 5 * width * width * 8
+
+
+def test_on_an_accelerator_the_selection_forms_no_weight_gram(monkeypatch):
+    """On an accelerator's paths (forced on the CPU) the default selection of a block of neurons never forms
+    ``W^T W``: the elimination and the validation read the rows they need from ``W``. The selection holds one
+    width x width matrix less at its peak and keeps the same groups with the same ridge."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from selection_profile import _statistics, block_phases, peak_allocated
+
+    from hf_ispasp import algorithm as alg
+
+    cpu = torch.device("cpu")
+    width = 512
+    stats, weight, bias = _statistics(64, width, 4 * width, cpu)
+    alg._mirror_lower(stats.gram)  # exactly symmetric, as an accelerator's panel sums are
+    results = {}
+    host_loop = alg._Problem.residual_threshold
+    for accelerator in (False, True):
+        monkeypatch.setattr(alg, "_factors_energy", lambda device, accelerator=accelerator: accelerator)
+        monkeypatch.setattr(alg, "_mirrors_weight_gram", lambda device, accelerator=accelerator: accelerator)
+        monkeypatch.setattr(alg._Problem, "residual_threshold", host_loop if not accelerator else
+                            lambda self, merged, keep, partitions=1, path=None:
+                            self._eliminate_on_device(merged, keep, partitions, path))
+        formed = []
+        real = alg._weight_gram
+        monkeypatch.setattr(alg, "_weight_gram", lambda w, formed=formed, real=real: formed.append(w.shape) or real(w))
+        results[accelerator] = (*peak_allocated(
+            lambda: block_phases(stats, weight, bias, 1, width // 2, torch.float64, cpu), cpu), formed)
+    ((_, on_cpu), cpu_peak, cpu_formed), ((_, on_device), device_peak, device_formed) = results[False], results[True]
+    assert cpu_formed and not device_formed
+    assert on_device["kept_digest"] == on_cpu["kept_digest"] and on_device["ridge"] == on_cpu["ridge"] is not None
+    assert 0 < device_peak <= cpu_peak - 0.9 * width * width * 8
 
 
 def test_statistics_halves_and_moments_take_no_extra_copies():
