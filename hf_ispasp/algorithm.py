@@ -448,6 +448,21 @@ def _factors_energy(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+_ON_DEMAND_WEIGHT_BYTES = 64 << 20
+
+
+def _weight_gram_on_demand(weight: torch.Tensor, gram: torch.Tensor) -> bool:
+    """Whether the factored elimination reads the rows of ``W^T W`` from ``weight`` (on the device and in the
+    precision of the statistics' ``gram``) as its steps need them instead of forming it (see
+    :attr:`_Problem.factors`).
+
+    Each step then reads ``W`` once: at BERT-base's FFN width (19 MB in float64, 1536 steps) 29 GB per block,
+    about 10 ms on an H200 by its bandwidth, for 72 MB less at the selection's peak; at LLaMA-7B's (360 MB, 5504
+    steps) 2 TB, about 0.4 s per block, a quarter of a 51 s prune, for 0.9 GiB of 80-141 GiB. Estimates, not
+    measurements: up to :data:`_ON_DEMAND_WEIGHT_BYTES` of ``W`` the memory is worth the reads."""
+    return _factors_energy(gram.device) and weight.numel() * gram.element_size() <= _ON_DEMAND_WEIGHT_BYTES
+
+
 def _mirrors_weight_gram(device: torch.device) -> bool:
     """Whether :func:`_weight_gram` forms ``W^T W`` from its lower blocks on ``device`` (an accelerator)."""
     return device.type != "cpu"
@@ -650,12 +665,15 @@ class _Problem:
         ``G`` exactly symmetric so that a row is also a column): a row of ``E`` is ``G``'s times ``W^T W``'s
         (:meth:`weight_gram_rows`), so the elimination multiplies two rows per step (a few more kernels, inside its
         CUDA graph) and the selection holds one width^2 matrix less at its peak (72 MB in float64 at BERT-base's FFN
-        width, 0.9 GiB at LLaMA-7B's), two where the caller holds no ``W^T W`` either. A caller's ``W^T W`` must be
-        exactly symmetric too. ``None``: use :attr:`energy`."""
+        width, 0.9 GiB at LLaMA-7B's), two where the caller holds no ``W^T W`` either and it is read from ``W`` on
+        demand (:func:`_weight_gram_on_demand`; otherwise formed and kept). ``W^T W`` must be exactly symmetric
+        too. ``None``: use :attr:`energy`."""
         if not _factors_energy(self.gram.device) or self.group_size != 1 or self.energy_formed:
             return None
         if not torch.equal(self.gram, self.gram.T):
             return None
+        if self._weight_gram is None and not _weight_gram_on_demand(self.weight, self.gram):
+            self._weight_gram = self.weight_gram  # kept: every step reads a row of it
         if self._weight_gram is not None and not torch.equal(self._weight_gram, self._weight_gram.T):
             return None
         return self.gram
@@ -1656,10 +1674,10 @@ def validated_selection(
     ``stats`` may free its fold sums once no validation is left (:meth:`BlockStatistics.release_folds`: on the
     trusted path, before the re-fit threshold forms its workspace), where the caller reads them no more.
     """
-    # Where the elimination reads the energy from its factors (accelerators, groups of one column), W^T W is not
-    # formed: the elimination and the validation read the rows they need from W (no width^2 matrix: 72 MB in
-    # float64 at BERT-base's FFN width, 0.9 GiB at LLaMA-7B's).
-    on_demand = _factors_energy(stats.gram.device) and group_size == 1
+    # Where the elimination reads the energy from its factors (accelerators, groups of one column) and W is small
+    # enough (_weight_gram_on_demand), W^T W is not formed: the elimination and the validation read the rows they
+    # need from W (no width^2 matrix: 72 MB in float64 at BERT-base's FFN width).
+    on_demand = group_size == 1 and _weight_gram_on_demand(weight, stats.gram)
     gram_w: torch.Tensor | None = phase("weight_gram", lambda: None if on_demand else weight_gram(weight, stats))
     dtype = stats.dtype if validation_dtype is None else validation_dtype
     # The re-fit threshold shares W^T W where the validations run in the selection's precision; otherwise no

@@ -381,7 +381,7 @@ def test_on_an_accelerator_the_selection_forms_no_weight_gram(monkeypatch):
     stats, weight, bias = _statistics(64, width, 4 * width, cpu)
     alg._mirror_lower(stats.gram)  # exactly symmetric, as an accelerator's panel sums are
     results = {}
-    host_loop = alg._Problem.residual_threshold
+    host_loop, real = alg._Problem.residual_threshold, alg._weight_gram
     for accelerator in (False, True):
         monkeypatch.setattr(alg, "_factors_energy", lambda device, accelerator=accelerator: accelerator)
         monkeypatch.setattr(alg, "_mirrors_weight_gram", lambda device, accelerator=accelerator: accelerator)
@@ -389,14 +389,20 @@ def test_on_an_accelerator_the_selection_forms_no_weight_gram(monkeypatch):
                             lambda self, merged, keep, partitions=1, path=None:
                             self._eliminate_on_device(merged, keep, partitions, path))
         formed = []
-        real = alg._weight_gram
-        monkeypatch.setattr(alg, "_weight_gram", lambda w, formed=formed, real=real: formed.append(w.shape) or real(w))
+        monkeypatch.setattr(alg, "_weight_gram", lambda w, formed=formed: formed.append(w.shape) or real(w))
         results[accelerator] = (*peak_allocated(
             lambda: block_phases(stats, weight, bias, 1, width // 2, torch.float64, cpu), cpu), formed)
     ((_, on_cpu), cpu_peak, cpu_formed), ((_, on_device), device_peak, device_formed) = results[False], results[True]
     assert cpu_formed and not device_formed
     assert on_device["kept_digest"] == on_cpu["kept_digest"] and on_device["ridge"] == on_cpu["ridge"] is not None
     assert 0 < device_peak <= cpu_peak - 0.9 * width * width * 8
+    # above the size where a step's read of W costs more than W^T W's memory is worth, it is formed, once
+    monkeypatch.setattr(alg, "_ON_DEMAND_WEIGHT_BYTES", weight.numel() * 8 - 1)
+    formed = []
+    monkeypatch.setattr(alg, "_weight_gram", lambda w: formed.append(w.shape) or real(w))
+    _, large = block_phases(stats, weight, bias, 1, width // 2, torch.float64, cpu)
+    assert formed
+    assert large["kept_digest"] == on_cpu["kept_digest"] and large["ridge"] == on_cpu["ridge"]
 
 
 def test_statistics_halves_and_moments_take_no_extra_copies():
