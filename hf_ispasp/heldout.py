@@ -60,11 +60,12 @@ def fold_scores(
     b = vectors.T @ fit.cov_w  # (k x d)
     p = vectors.T @ w[:, cols].T
     cross = vectors.T @ test.cov_w  # U^T C_t[S, :] W^T
-    rotated = vectors.T @ test.cov_ss @ vectors  # M = U^T C_t,SS U
+    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
+    del cross  # spent before the rotation, the validation's peak
     delta_s = vectors.T @ delta[cols]
+    rotated = _rotated(vectors, test.cov_ss)  # M = U^T C_t,SS U
     del vectors  # nothing below reads the basis: one k x k matrix less while the quadratic terms are formed
     total = test.total  # tr(W C_t W^T)
-    lin = ((b * cross).sum(1), (p * cross).sum(1))  # tr(Z^T cross) = sum_i d_i (lin0 + r lin1)_i
     w_delta = w @ delta
     unit = fit.unit
     # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
@@ -76,12 +77,14 @@ def fold_scores(
     # product is scaled by M in place (the same values as M * product) and spent before the next is formed: one
     # k x k matrix at a time besides M, not three
     quadratic = []
-    for power, form in zip((1, r, r * r), (lambda: b @ b.T, lambda: _symmetrised(b @ p.T), lambda: p @ p.T),
-                           strict=True):
+    forms = (lambda: b @ b.T, lambda: _symmetrised(b @ p.T), lambda: p @ p.T)
+    for index, (power, form) in enumerate(zip((1, r, r * r), forms, strict=True)):
         q = form().mul_(rotated)
         quadratic.append(power * ((d @ q) * d).sum(1))
-    last = q.sum()  # of M * P P^T (the last form): the infinite ridge's tr(P^T M P)
-    del q
+        if index == len(forms) - 1:
+            last = q.sum()  # of M * P P^T (the last form): the infinite ridge's tr(P^T M P)
+        del q  # before the next form: one k x k product at a time besides M
+    del rotated
     spread = spread + sum(quadratic)
     weighted = d * delta_s  # (ridges x k)
     shifted = weighted @ b + r[:, None] * (weighted @ p)  # (ridges x d)
@@ -93,6 +96,20 @@ def fold_scores(
     *scores, score_inf = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
     by_ridge = dict(zip(finite, scores, strict=True))
     return {ridge: score_inf if math.isinf(ridge) else by_ridge[ridge] for ridge in ridges}
+
+
+_ROTATION_ROWS = 256  # rows of U^T C U formed at a time in the product's own memory
+
+
+def _rotated(vectors: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """``U^T C U`` with one k x k matrix of workspace instead of two: ``T = U^T C`` is formed whole, then
+    overwritten a block of rows at a time by ``T[rows] U`` (row block ``i`` of the result reads only row block
+    ``i`` of ``T``). At k = 1536 in float32 that is 9.4 MB less at the validation's peak."""
+    product = vectors.T @ covariance
+    for start in range(0, product.shape[0], _ROTATION_ROWS):
+        rows = product[start : start + _ROTATION_ROWS]
+        rows.copy_(rows @ vectors)
+    return product
 
 
 def _symmetrised(product: torch.Tensor) -> torch.Tensor:

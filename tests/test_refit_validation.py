@@ -481,6 +481,29 @@ def test_grid_scores_equal_a_cholesky_solve_per_ridge(dtype, rel):
         assert fold_score(a, b, w, True, cols, 1e-2, 2.0) == solved[1e-2]
 
 
+def test_the_rotation_overwrites_its_own_product_a_block_of_rows_at_a_time():
+    """``U^T C U`` of the grid's eigenbasis expansion, formed in the memory of ``U^T C``: the values of the two
+    products, with one k x k matrix of workspace (the two products held two)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from peak_memory import peak_allocated
+
+    from hf_ispasp import heldout
+
+    gen = torch.Generator().manual_seed(4)
+    k = 2 * heldout._ROTATION_ROWS + 40  # blocks of rows, the last one short
+    a = torch.randn(k, k, generator=gen)
+    covariance = a @ a.T / k
+    vectors = torch.linalg.eigh(covariance + torch.eye(k))[1]
+    expected, two = peak_allocated(lambda: vectors.T @ covariance @ vectors, torch.device("cpu"))
+    rotated, one = peak_allocated(lambda: heldout._rotated(vectors, covariance), torch.device("cpu"))
+    torch.testing.assert_close(rotated, expected, rtol=1e-5, atol=1e-5)
+    matrix = k * k * 4
+    assert two >= 2 * matrix and one <= matrix + heldout._ROTATION_ROWS * k * 4
+
+
 def test_a_failed_factorisation_reports_none_for_the_eigendecomposition_to_take_over():
     import dataclasses
 
