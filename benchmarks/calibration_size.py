@@ -1,8 +1,9 @@
 """Calibration-set size: the re-fit validated on held-out halves against no re-fit and the fixed-ridge re-fit.
 
 MiniLM-L6 fine-tuned on sentence polarity, FFN keep 0.5 / heads keep 0.75, the first 8 ... 2048 of the same
-shuffled training sentences as calibration data. For every size: the default (re-fit ridge chosen by 2-fold
-cross-validation on the calibration halves, no re-fit where none helps), the *same selection* with the original
+shuffled training sentences as calibration data. For every size: the default (re-fit ridge chosen on held-out
+calibration halves, no re-fit where none helps), the same validated in both directions at every size (the rule
+before one direction from 2 tokens per column), the *same selection* with the original
 output projections put back (no re-fit), the prune with `refit=False` and its exact-residual threshold, and the
 fixed-ridge (1e-4) re-fit of earlier versions (`refit_validation=False`). Metrics on the 800 test sentences:
 accuracy, agreement with the dense model, mean KL(dense || pruned).
@@ -14,6 +15,7 @@ accuracy, agreement with the dense model, mean KL(dense || pruned).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
+import hf_ispasp.algorithm as algorithm  # noqa: E402
 from hf_ispasp import ISpaSPPruner, PrunerConfig, adapter_for  # noqa: E402
 from hf_ispasp.algorithm import REFIT_RIDGES, group_columns  # noqa: E402
 
@@ -36,12 +39,27 @@ BUDGET = (0.5, 0.75)
 DEFAULT = "validated re-fit (default)"
 SAME_PLAIN = "same selection, no re-fit"
 FIXED = "fixed ridge 1e-4 (before)"
+BOTH_WAYS = "validated both ways (before)"
 VARIANTS: dict[str, dict[str, Any]] = {
     DEFAULT: {},
+    BOTH_WAYS: {},
     "refit=False (residual threshold)": {"refit": False, "threshold": "residual"},
     FIXED: {"refit_validation": False},
 }
-ORDER = [DEFAULT, SAME_PLAIN, "refit=False (residual threshold)", FIXED]
+ORDER = [DEFAULT, BOTH_WAYS, SAME_PLAIN, "refit=False (residual threshold)", FIXED]
+
+
+@contextlib.contextmanager
+def _engine(variant: str) -> Any:
+    """The engine of ``variant``: BOTH_WAYS validates every block's ridge in both directions (the rule before
+    ``ONE_WAY_ROWS_PER_COLUMN``), the others as the library does."""
+    saved = algorithm.ONE_WAY_ROWS_PER_COLUMN
+    if variant == BOTH_WAYS:
+        algorithm.ONE_WAY_ROWS_PER_COLUMN = math.inf
+    try:
+        yield
+    finally:
+        algorithm.ONE_WAY_ROWS_PER_COLUMN = saved
 
 
 def without_refit(dense: Any, pruned: Any, report: Any) -> Any:
@@ -91,7 +109,8 @@ def run(task: common.Task, results: common.Results, sizes: list[int]) -> None:
                 continue
             config = PrunerConfig(ffn_keep_ratio=ffn, head_keep_ratio=heads, show_progress=False, **overrides)
             pruner = ISpaSPPruner(task.model, config)
-            model = pruner.prune(task.calibration_loader(n, labels=False))
+            with _engine(variant):
+                model = pruner.prune(task.calibration_loader(n, labels=False))
             report = pruner.report
             base = {"sequences": n, "tokens": report.calibration_tokens, "ffn_keep": ffn, "head_keep": heads}
             record = {**base, "variant": variant, **task.evaluate(model), "prune_seconds": report.seconds,
@@ -148,6 +167,14 @@ def findings(records: list[dict[str, Any]]) -> list[str]:
     if any((n, SAME_PLAIN) in by for n in sizes):
         lines.append("- Target 'at no size worse than the same selection without re-fit' (KL and accuracy): "
                      + ("met at every size." if not worse else "not met at " + "; ".join(worse) + "."))
+    both = [(n, by[(n, BOTH_WAYS)], by[(n, DEFAULT)]) for n in sizes if (n, BOTH_WAYS) in by and (n, DEFAULT) in by]
+    if both:
+        lines.append("- One direction from 2 tokens per column against both at every size (KL, default vs both "
+                     "ways; selection seconds): " + ", ".join(
+                         f"{n}: {d['kl']:.5f} vs {r['kl']:.5f}"
+                         + (" (same ridges)" if d["ridges"] == r["ridges"] else "")
+                         + f"; {d['selection_seconds']:.1f} vs {r['selection_seconds']:.1f} s" for n, r, d in both)
+                     + " (wall times on a shared 2-core machine; the two engines run back to back per size).")
     old = [(n, by[(n, FIXED)], by[(n, DEFAULT)]) for n in sizes if (n, FIXED) in by and (n, DEFAULT) in by]
     if old:
         lines.append("- Fixed-ridge re-fit of earlier versions (accuracy / KL, and the default's KL relative to it): "
@@ -184,8 +211,10 @@ def report(data: dict[str, Any]) -> str:
         "",
         f"FFN keep {BUDGET[0]} / heads keep {BUDGET[1]}; calibration = the first *n* of the same shuffled training "
         f"sentences; dense model: accuracy {common.pct(dense['accuracy'])} on {int(dense['n'])} test sentences. "
-        "The default chooses each block's re-fit ridge by 2-fold cross-validation on two halves of the calibration "
-        f"data (a sequence's half is a hash of its tokens) among relative ridges {_ridge_grid()} pulling towards "
+        "The default chooses each block's re-fit ridge on two halves of the calibration data (a sequence's half "
+        "is a hash of its tokens): fit on one, residual on the other, both ways below 2 tokens per column of the "
+        "block, once (fit on the larger half) from there ('validated both ways' does both at every size: the "
+        f"rule before); among relative ridges {_ridge_grid()} pulling towards "
         "the original weights ('bias only': keep them, re-fit the bias), or no re-fit when none beats plain "
         "selection on held-out data. "
         "'same selection, no re-fit' is the default's selection with the dense output projections put back; "

@@ -91,9 +91,10 @@ class PrunerConfig:
             the kept hidden units (pulls the re-fit towards zero). With validation (the default) it is one more
             candidate of the held-out grid (`hf_ispasp.algorithm.REFIT_RIDGES`, then relative to the mean
             variance of all the block's columns and pulling towards the original weights).
-        refit_validation: Choose the re-fit ridge by 2-fold cross-validation on two halves of the calibration
-            data (each sequence goes to a half by a hash of its content) and skip the re-fit of a block where no
-            ridge beats plain selection on held-out data. Without it, small calibration sets (fewer tokens than
+        refit_validation: Choose the re-fit ridge on two halves of the calibration data (each sequence goes to a
+            half by a hash of its content: fit on one, measure on the other, both ways below 2 tokens per column
+            of the block and once from there) and skip the re-fit of a block where no ridge beats plain
+            selection on held-out data. Without it, small calibration sets (fewer tokens than
             a block has columns) make the least-squares re-fit interpolate them and destroy the model. The
             `refit` threshold then uses the validated ridge, or the `residual` threshold where the re-fit does
             not help; with `refit` its support must also beat the `residual` one on held-out data where the block

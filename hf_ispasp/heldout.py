@@ -1,7 +1,7 @@
 """Held-out residuals of the anchored least-squares re-fit: a whole grid of ridges from one eigendecomposition, or
 one ridge from a Cholesky solve.
 
-The inner loop of :func:`hf_ispasp.algorithm.validate_refit` (2-fold cross-validation of the re-fit ridge), kept
+The inner loop of :func:`hf_ispasp.algorithm.validate_refit` (held-out validation of the re-fit ridge), kept
 apart so the selection module stays small. This module knows nothing of transformers.
 """
 
@@ -24,7 +24,7 @@ class Fold:
     count: float
     cov_w: torch.Tensor  # C[S, :] W^T  (k x d)
     cov_ss: torch.Tensor  # C[S, S]
-    total: torch.Tensor  # tr(W C W^T): the residual of a zero re-fit on this half
+    total: torch.Tensor | None  # tr(W C W^T): the residual of a zero re-fit on this half (None: it only fits)
     unit: torch.Tensor  # mean variance of the columns, the scale of the relative ridges
 
 
@@ -65,7 +65,7 @@ def fold_scores(
     delta_s = vectors.T @ delta[cols]
     rotated = _rotated(vectors, test.cov_ss)  # M = U^T C_t,SS U
     del vectors  # nothing below reads the basis: one k x k matrix less while the quadratic terms are formed
-    total = test.total  # tr(W C_t W^T)
+    total = _tested_total(test)  # tr(W C_t W^T)
     w_delta = w @ delta
     unit = fit.unit
     # every ridge at once, one host read at the end (on an accelerator a read per ridge is a synchronisation)
@@ -96,6 +96,12 @@ def fold_scores(
     *scores, score_inf = (test.count * (spreads + torch.cat([offset, offset_inf.reshape(1)]))).tolist()
     by_ridge = dict(zip(finite, scores, strict=True))
     return {ridge: score_inf if math.isinf(ridge) else by_ridge[ridge] for ridge in ridges}
+
+
+def _tested_total(test: Fold) -> torch.Tensor:
+    if test.total is None:
+        raise ValueError("this half only fits (HeldOutHalves.directions): its tr(W C W^T) was not formed")
+    return test.total
 
 
 _ROTATION_ROWS = 256  # rows of U^T C U formed at a time in the product's own memory
@@ -132,10 +138,10 @@ def factored_scores(
     the kept columns: ``tr(W C W^T) - 2 tr(Z^T C_S W^T) + tr(Z^T C_SS Z)`` on the test half.
     """
     delta = (test.mean - fit.mean) if centered else torch.zeros_like(test.mean)
-    w_kept, w_delta, delta_kept = w[:, cols].T, w @ delta, delta[cols]
+    w_kept, w_delta, delta_kept, total = w[:, cols].T, w @ delta, delta[cols], _tested_total(test)
 
     def residual(z: torch.Tensor) -> torch.Tensor:
-        spread = test.total - 2 * (z * test.cov_w).sum() + (z * (test.cov_ss @ z)).sum()
+        spread = total - 2 * (z * test.cov_w).sum() + (z * (test.cov_ss @ z)).sum()
         return test.count * (spread.clamp_min(0) + (w_delta - z.T @ delta_kept).pow(2).sum())
 
     scores, failed = [], []

@@ -72,8 +72,9 @@ class BlockReport:
     iterations: int
     kept: list[int] = field(default_factory=list)
     # Relative ridge of the installed re-fit (inf: only the bias was re-fitted; None: no re-fit), and the relative
-    # residual of the installed projection on held-out calibration data (2-fold; None when not validated, which
-    # includes the re-fit threshold's support kept on a well-posed block with the ridge of the exact-residual one).
+    # residual of the installed projection on held-out calibration data (one half or both; None when not
+    # validated, which includes the re-fit threshold's support kept on a well-posed block with the ridge of the
+    # exact-residual one).
     refit_ridge: float | None = None
     relative_residual_heldout: float | None = None
 

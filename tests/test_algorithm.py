@@ -732,7 +732,7 @@ def test_held_out_halves_read_what_the_halves_moments_hold(dtype, centered):
         stats.update(part, torch.float64, fold=i % 2)
     gram_w = weight_gram(w, stats).to(dtype)
     cols = torch.randperm(width, generator=gen)[:290].sort().values
-    halves = HeldOutHalves.of(stats, w.to(dtype), gram_w, centered, dtype)
+    halves = HeldOutHalves.of(stats, w.to(dtype), gram_w, centered, dtype, both_ways=True)  # both halves tested
     for index, half in enumerate(stats.halves(dtype)):
         mean, moment = _moments(half, centered)
         fold = halves.fold(index, cols)
