@@ -122,8 +122,10 @@ class PrunerConfig:
             column, in float64 below; measured to keep the groups of an all-float64 selection on every well-posed
             test model (`hf_ispasp.algorithm.selection_precision`). `float64`: everything as the CPU reference;
             `float32`: everything in float32 (fastest; may order near-equal groups differently). A float32
-            factorisation that fails is redone in float64. The re-fitted weights are solved from the float64
-            statistics whatever this says, so an equal selection gives the same pruned model.
+            factorisation that fails is redone in float64. The re-fitted weights come from the float64
+            statistics whatever this says, so an equal selection gives the same pruned model: bit for bit where
+            the selection runs in float64 (`auto` included), to rounding with `float32` (a fresh float64 solve
+            instead of the float64 elimination's own coefficients).
         seed: Seed for the `random` rule and any tie-breaking.
         show_progress: Show tqdm progress bars.
         gqa_groups: What a group of a grouped-query attention layer is. `kv` (default): one key/value head together
