@@ -350,9 +350,10 @@ WELL_POSED_ROWS_PER_COLUMN = 2.0
 # mean KL to dense from 0.0090 to 0.0103; twice the well-posed density keeps a margin.
 TRUSTED_SUPPORT_ROWS_PER_COLUMN = 4.0
 # From this many the re-fit ridge is validated one way (fit on the larger half, measure on the other) instead of
-# both: half the eigendecompositions. Measured on MiniLM-L6 polarity (FFN 0.5 / heads 0.75): the same ridge on
-# every block at 32 and 128 sentences (KL 0.00899 vs 0.00904, 0.00655 vs 0.00655), one FFN block 0.1 for 0.03 at
-# 512 (KL 0.00553 vs 0.00556), selection 11-15% faster; below 2 rows per column the second direction still
+# both: half the eigendecompositions. Measured on MiniLM-L6 polarity (FFN 0.5 / heads 0.75, calibration_size): the
+# same ridge on every block at 8, 32, 128 and 2048 sentences (KL 0.00899 vs 0.00904 at 32, 0.00655 at 128), one
+# FFN block 0.1 for 0.03 at 512 (KL 0.00553 vs 0.00556); selection 4.07 -> 3.16 s at 128 sentences and 3.68 ->
+# 3.18 s at 512 (engine_shapes, the same kept groups). Below 2 rows per column the second direction still
 # steadies the choice where the re-fit can interpolate the calibration tokens.
 ONE_WAY_ROWS_PER_COLUMN = WELL_POSED_ROWS_PER_COLUMN
 
