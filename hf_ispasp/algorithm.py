@@ -1415,9 +1415,47 @@ def refit_with_residual(
     """
     if _carries(carried, stats, groups, group_size, damping, anchored, bias is not None):
         return _carried_refit(carried, stats, weight, bias, groups, group_size)
+    if stats.rows > 0 and not (anchored and math.isinf(damping)):
+        return _solved_refit(stats, weight, bias, groups, group_size, damping, anchored)
     moments = _moments(stats, centered=True) if bias is not None else None
     fitted = refit_projection(stats, weight, bias, groups, group_size, damping, anchored, moments)
     return (*fitted, residual_after_refit(stats, weight, bias, groups, group_size, *fitted, moments))
+
+
+def _solved_refit(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor,
+                  group_size: int, damping: float, anchored: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """:func:`refit_projection` and :func:`residual_after_refit` from one product ``M W^T`` (``M``: the moments the
+    re-fit solves with): its kept rows are the right-hand side, its inner product with ``W^T`` is ``tr(W M W^T)``,
+    and the residual is the ridge objective at the solution less the ridge term (as :func:`_carried_refit`), with
+    no ``out x width^2`` residual product; the system is solved through its Cholesky factor (LU where rounding
+    made it indefinite). The same ``(W', b', residual)`` to rounding in about 70% of the time (a MiniLM FFN block
+    on 2 CPU cores: 38 against 53 ms): the final re-fit of every block whose re-fit the threshold did not carry (a
+    float32 selection, a support another rule chose).
+
+    Without a bias ``M`` is the raw second moment, whose ``tr(D M D^T)`` is the residual's spread plus its mean
+    offset; with one, the centred covariance, and the absorbed bias leaves no offset.
+    """
+    w = _matching(weight, stats)
+    cols = group_columns(groups, group_size, stats.gram.device)
+    mean, moment = _moments(stats, centered=bias is not None)
+    product = moment @ w.T  # M W^T: width x out
+    total = torch.dot(product.reshape(-1), w.T.reshape(-1))  # tr(W M W^T)
+    ridge = _ridge(moment, cols, damping, anchored)
+    system = _submatrix(moment, cols, cols)
+    del moment
+    system.diagonal().add_(ridge)
+    rhs = product[cols]
+    del product
+    kept = w[:, cols].T
+    if anchored:
+        rhs += ridge * kept
+        total = total + ridge * kept.pow(2).sum()
+    factor, info = torch.linalg.cholesky_ex(system)
+    coef = torch.linalg.solve(system, rhs) if bool(info) else torch.cholesky_solve(rhs, factor)
+    pull = (coef - kept if anchored else coef).pow(2).sum()
+    objective = total - torch.dot(rhs.reshape(-1), coef.reshape(-1)) - ridge * pull
+    new_weight = coef.T.contiguous()
+    return new_weight, _absorbed_bias(stats, w, bias, new_weight, mean, cols), stats.rows * max(float(objective), 0.0)
 
 
 def _carries(carried: CarriedRefit | None, stats: BlockStatistics, groups: torch.Tensor, group_size: int,

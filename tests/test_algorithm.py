@@ -529,6 +529,7 @@ def test_deferred_rows_multiply_whole_buffers():
 
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_refit_with_residual_equals_the_two_steps(with_bias):
+    """The final re-fit (no carried coefficients) equals refit_projection and residual_after_refit to rounding."""
     from hf_ispasp.algorithm import refit_with_residual
 
     h, w, active = _planted(width=32, out=12)
@@ -538,8 +539,12 @@ def test_refit_with_residual_equals_the_two_steps(with_bias):
         fitted = refit_projection(stats, w, b, active, 1, 1e-2, anchored)
         expected = residual_after_refit(stats, w, b, active, 1, *fitted)
         new_w, new_b, residual = refit_with_residual(stats, w, b, active, 1, 1e-2, anchored)
-        assert torch.equal(new_w, fitted[0]) and residual == expected
-        assert (new_b is None) == (fitted[1] is None) and (new_b is None or torch.equal(new_b, fitted[1]))
+        # one product M W^T and a Cholesky solve instead of an LU solve and a residual product: equal to rounding
+        torch.testing.assert_close(new_w, fitted[0], rtol=1e-10, atol=1e-12)
+        assert residual == pytest.approx(expected, rel=1e-9) and expected > 0
+        assert (new_b is None) == (fitted[1] is None)
+        if new_b is not None:
+            torch.testing.assert_close(new_b, fitted[1], rtol=1e-10, atol=1e-12)
 
 
 def test_all_finite():
@@ -848,3 +853,27 @@ def test_factored_downdates_hold_no_factor_matrix():
     assert not failed and torch.equal(kept, results[False][0][0])
     matrix, block = width * width * 8, alg._ROWS * width * 8
     assert 0 < peak <= results[False][1] + 1.25 * block <= 0.4 * matrix
+
+
+def test_the_final_refit_solves_by_lu_where_cholesky_fails(monkeypatch):
+    """A system that rounding made indefinite for its Cholesky factorisation is solved by LU, as refit_projection."""
+    from hf_ispasp.algorithm import refit_with_residual
+
+    h, w, active = _planted(width=32, out=12)
+    b = torch.randn(12, dtype=torch.float64)
+    stats = _stats(h)
+    fitted = refit_projection(stats, w, b, active, 1, 1e-2, True)
+    factorise = torch.linalg.cholesky_ex
+    failed = []
+
+    def failing(matrix, *args, **kwargs):
+        factor, info = factorise(matrix, *args, **kwargs)
+        failed.append(True)
+        return factor, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    new_w, new_b, residual = refit_with_residual(stats, w, b, active, 1, 1e-2, True)
+    assert failed
+    torch.testing.assert_close(new_w, fitted[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new_b, fitted[1], rtol=1e-10, atol=1e-12)
+    assert residual == pytest.approx(residual_after_refit(stats, w, b, active, 1, *fitted), rel=1e-9)
