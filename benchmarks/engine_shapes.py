@@ -453,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     engines = [("current", str(ROOT))] + ([("before", str(args.baseline_path))] if args.baseline_path else [])
     for shape in args.shape:
-        for dtype, variant, round_ in itertools.product(args.dtype, args.config or ["default"], range(args.rounds)):
-            for engine, path in engines if round_ % 2 == 0 else engines[::-1]:
+        # configs and engines alternate within every round (ABBA across rounds), so that a config is compared with
+        # another measured minutes, not a whole run, apart
+        variants = args.config or ["default"]
+        for dtype, round_ in itertools.product(args.dtype, range(args.rounds)):
+            runs = list(itertools.product(variants, engines))
+            for variant, (engine, path) in runs if round_ % 2 == 0 else runs[::-1]:
                 cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--dtype", dtype, "--engine", engine,
                        "--config", variant, *(["--no-memory"] if round_ else []),
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),

@@ -408,3 +408,27 @@ def test_gpu_check_script_plumbing(tmp_path: Path) -> None:
         (record,) = json.loads((tmp_path / f"{name}.json").read_text())["records"]
         assert record["shape"] == shape and record["pruned_mb"] < record["model_mb"]
         assert (tmp_path / f"{name}.md").read_text().startswith("## ")
+
+
+def test_engine_shapes_alternates_configs_and_engines_within_rounds(tmp_path: Path, monkeypatch) -> None:
+    """Every round runs each config with each engine, the next round in reverse order (ABBA): two configs are
+    measured side by side, not one whole run after the other."""
+    import subprocess
+    import types
+
+    import engine_shapes
+
+    order = []
+
+    def fake_run(cmd, **kwargs):
+        order.append((cmd[cmd.index("--config") + 1], cmd[cmd.index("--engine") + 1], "--no-memory" in cmd))
+        return types.SimpleNamespace(returncode=1, stdout="", stderr="not run")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    argv = ["--tiny", "--device", "cpu", "--output-dir", str(tmp_path), "--baseline-path", str(tmp_path),
+            "--config", "default", "selection_dtype=float32", "--rounds", "2"]
+    assert engine_shapes.main(argv) == 1  # nothing measured
+    first = [("default", "current"), ("default", "before"), ("selection_dtype=float32", "current"),
+             ("selection_dtype=float32", "before")]
+    assert [(c, e) for c, e, _ in order] == first + first[::-1]
+    assert [memory for *_, memory in order] == [False] * 4 + [True] * 4  # memory phases in the first round only
