@@ -85,9 +85,14 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 
 def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tensor, group: int, keep: int,
-                 dtype: torch.dtype, device: torch.device) -> tuple[dict[str, float], dict[str, Any]]:
+                 dtype: torch.dtype, device: torch.device, solved: bool = False
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One default selection of the block, phase by phase (seconds), and what it chose: the library's own path
-    (:func:`hf_ispasp.algorithm.validated_selection`, timed through its phase hook), then the final re-fit."""
+    (:func:`hf_ispasp.algorithm.validated_selection`, timed through its phase hook), then the final re-fit.
+
+    ``solved``: also time the final re-fit without the threshold's coefficients (``refit_solved``, not in the
+    total), as the pruner solves it where it has none to take: after a float32 selection, on the accumulated
+    float64 statistics, or where the second validation keeps the exact-residual support."""
     seconds: dict[str, float] = {}
 
     def timed(name: str, step: Callable[[], Any]) -> Any:
@@ -108,6 +113,9 @@ def block_phases(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tenso
         timed("refit", lambda: refit_with_residual(s, weight, bias, result.groups, group, final.ridge, anchored=True,
                                                    carried=result.refit))
     seconds["total"] = sum(seconds.values())
+    if solved and final.ridge is not None:
+        _, seconds["refit_solved"] = _timed(lambda: refit_with_residual(stats, weight, bias, result.groups, group,
+                                                                        final.ridge, anchored=True), device)
     chosen = {"ridge": final.ridge, "iterations": result.iterations,
               "kept_digest": hash(tuple(result.groups.tolist())) & 0xFFFFFFFF}
     return seconds, chosen
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             first = block_phases(stats, weight, bias, group, keep, dtype, device)  # warm-up
             # a slow shape (LLaMA width in float64) is measured once: its warm-up costs are negligible
             repeats = 0 if first[0]["total"] > args.slow else args.repeats
-            runs = [block_phases(stats, weight, bias, group, keep, dtype, device) for _ in range(repeats)] or [first]
+            runs = [block_phases(stats, weight, bias, group, keep, dtype, device, solved=True)
+                    for _ in range(repeats)] or [first]
             phases = {p: statistics.median(r[0].get(p, 0.0) for r in runs) for p in runs[0][0]}
             spread = {p: [min(r[0].get(p, 0.0) for r in runs), max(r[0].get(p, 0.0) for r in runs)]
                       for p in runs[0][0]}
@@ -224,11 +233,13 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
             "host": platform.node()}
     (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     phases = ["to_dtype", "weight_gram", "select_residual", "validate_1", "select_refit", "validate_2", "refit",
-              "total"]
+              "total", "refit_solved"]
     title = f": {args.title}" if args.title else ""
     lines = [f"## Selection phases of one block on {where}{title}", "",
              f"Synthetic statistics ({args.tokens} tokens), default selection path, median of {args.repeats} "
-             "(seconds); primitives at the kept width k (k x k matrices, k x d right-hand sides). Workspace: the most "
+             "(seconds; refit_solved: the final re-fit solved afresh on the float64 statistics, as after a float32 "
+             "selection, not in the total); primitives at the kept width k (k x k matrices, k x d right-hand "
+             "sides). Workspace: the most "
              "memory the whole selection holds at once beyond the block's statistics (CUDA: peak allocated; CPU: "
              "torch.profiler allocation events), in MB and in width x width matrices of the selection dtype.", "",
              "| shape | dtype | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k | solve k "
@@ -236,7 +247,8 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
              "|" + "---|" * (len(phases) + 9)]
     for r in records:
         p, q = r["phases"], r["primitives_at_kept_width"]
-        cells = [f"{p.get(name, 0.0):.4f}" for name in phases] + [
+        cells = [f"{p[name]:.4f}" if name in p else "-" if name == "refit_solved" else "0.0000"
+                 for name in phases] + [
             f"{q[n]:.4f}" if n in q else "-" for n in ("eigh", "eigh_magma", "inv", "cholesky", "solve")] + [
             f"{r['workspace_mb']:.1f}" if "workspace_mb" in r else "-",
             f"{r['workspace_width2']:.2f}" if "workspace_width2" in r else "-"]
