@@ -7,6 +7,10 @@ Self-contained (torch and hf_ispasp; no ``datasets``), so it runs from a source 
 
     PYTHONPATH=. python benchmarks/selection_profile.py --device cuda --dtype float64 float32
     python benchmarks/selection_profile.py --device cpu --shapes bert-base-ffn bert-base-attn
+    python benchmarks/selection_profile.py --device cpu --shapes minilm-ffn --baseline-path /tmp/old --rounds 2
+
+With ``--baseline-path`` (another hf_ispasp source tree) both engines run in worker processes, alternating (ABBA
+over ``--rounds``), and each row pools an engine's repeats over the rounds: a before/after from one run.
 
 Statistics: ``H = gelu(X A)`` for Gaussian ``X`` (``--tokens`` rows) and ``A``, folds by alternating batches;
 the output projection ``W`` is Gaussian. Timing does not depend on the values; the selections are what the
@@ -19,9 +23,12 @@ import argparse
 import functools
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--suffix", default="")
     parser.add_argument("--title", default="", help="appended to the heading, e.g. which engine this is")
+    parser.add_argument("--baseline-path", type=Path, help="another hf_ispasp source tree to measure as 'before'")
+    parser.add_argument("--baseline-label", default="", help="what --baseline-path is, e.g. 'commit abc1234'")
+    parser.add_argument("--rounds", type=int, default=1, help="with --baseline-path: engine alternations (ABBA)")
+    parser.add_argument("--engine", default="", help=argparse.SUPPRESS)  # a worker's engine label
     args = parser.parse_args(argv)
+    if args.baseline_path is not None:
+        return _compare(args, argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -211,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 functools.partial(block_phases, stats, weight, bias, group, keep, dtype, device), device)
             matrix = width * width * torch.empty((), dtype=dtype).element_size()
             record = {"shape": shape, "dtype": dtype_name, "where": where, "d": d, "width": width, "group": group,
-                      "keep": keep, "phases": phases, "spread": spread, "chosen": runs[0][1], "kept": kept,
+                      "keep": keep, "phases": phases, "spread": spread, "runs": [r[0] for r in runs],
+                      "engine": args.engine or "current", "chosen": runs[0][1], "kept": kept,
                       "primitives_at_kept_width": prims, "workspace_mb": workspace / 2**20,
                       "workspace_width2": workspace / matrix}
             if shape in args.profile:
@@ -223,6 +237,67 @@ def main(argv: list[str] | None = None) -> int:
         del stats, weight, bias
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    print(_write(args, records, where))
+    return 0
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less ``options`` and their values (everything up to the next ``--option``)."""
+    out, skipping = [], False
+    for item in argv:
+        if item.startswith("--"):
+            skipping = item.split("=")[0] in options
+        if not skipping:
+            out.append(item)
+    return out
+
+
+def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    """This script's measurement in worker processes for this tree ('current') and ``--baseline-path`` ('before'),
+    in alternation (ABBA over the rounds), each engine's repeats pooled over the rounds into one row per shape and
+    dtype. A worker imports the hf_ispasp of its tree (first on ``PYTHONPATH``) and runs this file's code."""
+    passed = _without(argv, ("--baseline-path", "--baseline-label", "--rounds", "--output-dir", "--suffix",
+                             "--title", "--engine"))
+    engines = [("current", ROOT), ("before", args.baseline_path.resolve())]
+    pooled: dict[tuple[str, str, str], dict[str, Any]] = {}
+    where = ""
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(args.rounds):
+            for engine, tree in engines if round_ % 2 == 0 else engines[::-1]:
+                out = Path(scratch) / f"{engine}{round_}"
+                # the profile and the workspace are the first round's (they do not depend on the timing)
+                extra = [] if round_ == 0 else ["--profile"]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT),
+                                                                     os.environ.get("PYTHONPATH", "")])}
+                cmd = [sys.executable, str(Path(__file__).resolve()), *passed, *extra, "--engine", engine,
+                       "--output-dir", str(out)]
+                proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{engine} failed:\n{proc.stderr[-3000:]}", flush=True)
+                    return 1
+                data = json.loads((out / f"{NAME}{'_gpu' if args.device.startswith('cuda') else ''}.json").read_text())
+                where = data["meta"]["where"]
+                for record in data["records"]:
+                    key = (record["shape"], record["dtype"], engine)
+                    if key in pooled:
+                        pooled[key]["runs"] += record["runs"]
+                    else:
+                        pooled[key] = record
+                print(f"round {round_ + 1} {engine}: done", flush=True)
+    records = []
+    for record in pooled.values():
+        runs = record["runs"]
+        names = list(dict.fromkeys(name for run in runs for name in run))
+        record["phases"] = {n: statistics.median(run.get(n, 0.0) for run in runs) for n in names}
+        record["spread"] = {n: [min(run.get(n, 0.0) for run in runs), max(run.get(n, 0.0) for run in runs)]
+                            for n in names}
+        record["rounds"] = args.rounds
+        records.append(record)
+    records.sort(key=lambda r: (args.shapes.index(r["shape"]) if args.shapes else 0, r["dtype"],
+                                r["engine"] != "current"))
+    label = args.baseline_label or str(args.baseline_path)
+    args.title = (args.title + "; " if args.title else "") + f"before = {label}, alternating over {args.rounds} " \
+        "round(s), repeats pooled"
     print(_write(args, records, where))
     return 0
 
@@ -242,9 +317,9 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
              "sides). Workspace: the most "
              "memory the whole selection holds at once beyond the block's statistics (CUDA: peak allocated; CPU: "
              "torch.profiler allocation events), in MB and in width x width matrices of the selection dtype.", "",
-             "| shape | dtype | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k | solve k "
-             "| workspace MB | workspace (width^2 matrices) |",
-             "|" + "---|" * (len(phases) + 9)]
+             "| shape | dtype | engine | " + " | ".join(phases) + " | eigh k | eigh k (MAGMA) | inv k | cholesky k "
+             "| solve k | workspace MB | workspace (width^2 matrices) |",
+             "|" + "---|" * (len(phases) + 10)]
     for r in records:
         p, q = r["phases"], r["primitives_at_kept_width"]
         cells = [f"{p[name]:.4f}" if name in p else "-" if name == "refit_solved" else "0.0000"
@@ -252,7 +327,7 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
             f"{q[n]:.4f}" if n in q else "-" for n in ("eigh", "eigh_magma", "inv", "cholesky", "solve")] + [
             f"{r['workspace_mb']:.1f}" if "workspace_mb" in r else "-",
             f"{r['workspace_width2']:.2f}" if "workspace_width2" in r else "-"]
-        lines.append(f"| {r['shape']} | {r['dtype']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('engine', 'current')} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     (args.output_dir / f"{NAME}{suffix}.md").write_text(text)
     return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -436,3 +437,22 @@ def test_engine_shapes_alternates_configs_and_engines_within_rounds(tmp_path: Pa
              ("selection_dtype=float32", "before")]
     assert [(c, e) for c, e, _ in order] == first + first[::-1]
     assert [memory for *_, memory in order] == [False] * 4 + [True] * 4  # memory phases in the first round only
+
+
+def test_selection_profile_against_a_baseline_tree(tmp_path: Path) -> None:
+    """--baseline-path: both engines run in worker processes in alternation, and each row pools an engine's repeats
+    over the rounds (here the baseline is this tree itself)."""
+    import selection_profile
+
+    argv = ["--device", "cpu", "--shapes", "tiny-ffn", "--profile", "--tokens", "512", "--repeats", "1",
+            "--dtype", "float64", "--output-dir", str(tmp_path), "--baseline-path", str(BENCH.parent),
+            "--baseline-label", "this tree", "--rounds", "2"]
+    assert selection_profile.main(argv) == 0
+    records = json.loads((tmp_path / "selection_profile.json").read_text())["records"]
+    assert [r["engine"] for r in records] == ["current", "before"]
+    for rec in records:
+        assert len(rec["runs"]) == 2 and rec["rounds"] == 2  # one repeat per round, pooled
+        assert rec["phases"]["total"] == pytest.approx(statistics.median(run["total"] for run in rec["runs"]))
+    assert records[0]["kept"] == records[1]["kept"]  # the same engine selects alike
+    text = (tmp_path / "selection_profile.md").read_text()
+    assert "| tiny-ffn | float64 | before |" in text and "before = this tree, alternating over 2 round(s)" in text
