@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="", help=argparse.SUPPRESS)  # a worker's engine label
     args = parser.parse_args(argv)
     if args.baseline_path is not None:
-        return _compare(args, argv if argv is not None else sys.argv[1:])
+        return _compare(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats = 0 if first[0]["total"] > args.slow else args.repeats
             runs = [block_phases(stats, weight, bias, group, keep, dtype, device, solved=True)
                     for _ in range(repeats)] or [first]
-            phases = {p: statistics.median(r[0].get(p, 0.0) for r in runs) for p in runs[0][0]}
-            spread = {p: [min(r[0].get(p, 0.0) for r in runs), max(r[0].get(p, 0.0) for r in runs)]
-                      for p in runs[0][0]}
+            phases, spread = _summary([r[0] for r in runs])
             kept = runs[0][1]["kept_digest"] if width <= 4096 else None
             if device.type != "cpu" and width <= 4096:  # the device's elimination against the host's, same data
                 on_host = select_groups(stats.to(device="cpu", dtype=dtype), weight.cpu(), group, keep,
@@ -241,23 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """``argv`` less ``options`` and their values (everything up to the next ``--option``)."""
-    out, skipping = [], False
-    for item in argv:
-        if item.startswith("--"):
-            skipping = item.split("=")[0] in options
-        if not skipping:
-            out.append(item)
-    return out
+def _summary(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median and range of every phase over ``runs`` (a phase a run lacks counts 0)."""
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    phases = {n: statistics.median(run.get(n, 0.0) for run in runs) for n in names}
+    return phases, {n: [min(run.get(n, 0.0) for run in runs), max(run.get(n, 0.0) for run in runs)] for n in names}
 
 
-def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+def _stem(device: str, suffix: str) -> str:
+    """The result files' name, less the extension."""
+    return NAME + ("_gpu" if device.startswith("cuda") else "") + suffix
+
+
+def _compare(args: argparse.Namespace) -> int:
     """This script's measurement in worker processes for this tree ('current') and ``--baseline-path`` ('before'),
     in alternation (ABBA over the rounds), each engine's repeats pooled over the rounds into one row per shape and
     dtype. A worker imports the hf_ispasp of its tree (first on ``PYTHONPATH``) and runs this file's code."""
-    passed = _without(argv, ("--baseline-path", "--baseline-label", "--rounds", "--output-dir", "--suffix",
-                             "--title", "--engine"))
+    passed = ["--device", args.device, "--dtype", *args.dtype, "--shapes", *args.shapes, "--tokens", str(args.tokens),
+              "--repeats", str(args.repeats), "--threads", str(args.threads), "--slow", str(args.slow)]
     engines = [("current", ROOT), ("before", args.baseline_path.resolve())]
     pooled: dict[tuple[str, str, str], dict[str, Any]] = {}
     where = ""
@@ -265,8 +264,8 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         for round_ in range(args.rounds):
             for engine, tree in engines if round_ % 2 == 0 else engines[::-1]:
                 out = Path(scratch) / f"{engine}{round_}"
-                # the profile and the workspace are the first round's (they do not depend on the timing)
-                extra = [] if round_ == 0 else ["--profile"]
+                # the profile is the first round's (it does not depend on the timing)
+                extra = ["--profile", *(args.profile if round_ == 0 else [])]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT),
                                                                      os.environ.get("PYTHONPATH", "")])}
                 cmd = [sys.executable, str(Path(__file__).resolve()), *passed, *extra, "--engine", engine,
@@ -275,7 +274,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
                 if proc.returncode != 0:
                     print(f"{engine} failed:\n{proc.stderr[-3000:]}", flush=True)
                     return 1
-                data = json.loads((out / f"{NAME}{'_gpu' if args.device.startswith('cuda') else ''}.json").read_text())
+                data = json.loads((out / f"{_stem(args.device, '')}.json").read_text())
                 where = data["meta"]["where"]
                 for record in data["records"]:
                     key = (record["shape"], record["dtype"], engine)
@@ -286,11 +285,7 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
                 print(f"round {round_ + 1} {engine}: done", flush=True)
     records = []
     for record in pooled.values():
-        runs = record["runs"]
-        names = list(dict.fromkeys(name for run in runs for name in run))
-        record["phases"] = {n: statistics.median(run.get(n, 0.0) for run in runs) for n in names}
-        record["spread"] = {n: [min(run.get(n, 0.0) for run in runs), max(run.get(n, 0.0) for run in runs)]
-                            for n in names}
+        record["phases"], record["spread"] = _summary(record["runs"])
         record["rounds"] = args.rounds
         records.append(record)
     records.sort(key=lambda r: (args.shapes.index(r["shape"]) if args.shapes else 0, r["dtype"],
@@ -303,10 +298,10 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) -> str:
-    suffix = ("_gpu" if args.device.startswith("cuda") else "") + args.suffix
     meta = {"where": where, "tokens": args.tokens, "repeats": args.repeats, "torch": torch.__version__,
             "host": platform.node()}
-    (args.output_dir / f"{NAME}{suffix}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    stem = _stem(args.device, args.suffix)
+    (args.output_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     phases = ["to_dtype", "weight_gram", "select_residual", "validate_1", "select_refit", "validate_2", "refit",
               "total", "refit_solved"]
     title = f": {args.title}" if args.title else ""
@@ -329,7 +324,7 @@ def _write(args: argparse.Namespace, records: list[dict[str, Any]], where: str) 
             f"{r['workspace_width2']:.2f}" if "workspace_width2" in r else "-"]
         lines.append(f"| {r['shape']} | {r['dtype']} | {r.get('engine', 'current')} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (args.output_dir / f"{NAME}{suffix}.md").write_text(text)
+    (args.output_dir / f"{stem}.md").write_text(text)
     return text
 
 

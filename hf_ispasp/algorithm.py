@@ -1346,13 +1346,21 @@ def refit_projection(
     if anchored and math.isinf(damping):
         new_weight = w[:, cols].clone()
     else:
-        ridge = _ridge(moment, cols, damping, anchored)
-        a = _submatrix(moment, cols, cols) + ridge * torch.eye(len(cols), dtype=w.dtype, device=w.device)
-        rhs = moment[cols] @ w.T  # (k x d)
-        if anchored:
-            rhs = rhs + ridge * w[:, cols].T
-        new_weight = torch.linalg.solve(a, rhs).T.contiguous()
+        system, rhs, _ = _normal_equations(moment, w, cols, damping, anchored, moment[cols] @ w.T)
+        new_weight = torch.linalg.solve(system, rhs).T.contiguous()
     return new_weight, _absorbed_bias(stats, w, bias, new_weight, mean, cols)
+
+
+def _normal_equations(moment: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, damping: float, anchored: bool,
+                      cross: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(C_SS + ridge I, cross + ridge W_S^T (anchored), ridge)``: the re-fit's system, from ``cross`` = ``M[S, :]
+    W^T`` (updated in place where anchored) and the relative ``damping`` (see :func:`_ridge`)."""
+    ridge = _ridge(moment, cols, damping, anchored)
+    system = _submatrix(moment, cols, cols)
+    system.diagonal().add_(ridge)
+    if anchored:
+        cross += ridge * w[:, cols].T
+    return system, cross, ridge
 
 
 def _absorbed_bias(stats: BlockStatistics, w: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor,
@@ -1441,15 +1449,10 @@ def _solved_refit(stats: BlockStatistics, weight: torch.Tensor, bias: torch.Tens
     mean, moment = _moments(stats, centered=bias is not None)
     product = moment @ w.T  # M W^T: width x out
     total = torch.dot(product.reshape(-1), w.T.reshape(-1))  # tr(W M W^T)
-    ridge = _ridge(moment, cols, damping, anchored)
-    system = _submatrix(moment, cols, cols)
-    del moment
-    system.diagonal().add_(ridge)
-    rhs = product[cols]
-    del product
+    system, rhs, ridge = _normal_equations(moment, w, cols, damping, anchored, product[cols])
+    del moment, product
     kept = w[:, cols].T
     if anchored:
-        rhs += ridge * kept
         total = total + ridge * kept.pow(2).sum()
     factor, info = torch.linalg.cholesky_ex(system)
     coef = torch.linalg.solve(system, rhs) if bool(info) else torch.cholesky_solve(rhs, factor)
