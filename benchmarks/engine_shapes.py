@@ -85,6 +85,18 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def in_turn(runs: list[Any], round_: int) -> list[Any]:
+    """``runs`` in the order of round ``round_``: as given in even rounds, reversed in odd ones (ABBA across
+    rounds), so that what is compared is measured side by side and neither side always goes first."""
+    return runs if round_ % 2 == 0 else runs[::-1]
+
+
+def tree_env(tree: str | Path) -> dict[str, str]:
+    """The environment of a worker that measures the hf_ispasp of source tree ``tree``: that tree first on
+    ``PYTHONPATH``, the repository root after it (the demo assets, e.g. MiniLM)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def rss_mb() -> float:
     """Resident memory of this process now (MB)."""
     with open("/proc/self/status") as f:
@@ -458,17 +470,14 @@ def main(argv: list[str] | None = None) -> int:
         variants = args.config or ["default"]
         for dtype, round_ in itertools.product(args.dtype, range(args.rounds)):
             runs = list(itertools.product(variants, engines))
-            for variant, (engine, path) in runs if round_ % 2 == 0 else runs[::-1]:
+            for variant, (engine, path) in in_turn(runs, round_):
                 cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--dtype", dtype, "--engine", engine,
                        "--config", variant, *(["--no-memory"] if round_ else []),
                        "--device", args.device, "--sequences", str(args.sequences), "--length", str(args.length),
                        "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
                        "--reference", str(args.reference), "--threads", str(args.threads),
                        "--layers", str(args.layers), *(["--accelerator-paths"] if args.accelerator_paths else [])]
-                # the engine under test first; the repository root after it for the demo assets (MiniLM)
-                env = {**os.environ,
-                       "PYTHONPATH": os.pathsep.join([path, str(ROOT), os.environ.get("PYTHONPATH", "")])}
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=tree_env(path), cwd=path)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     print(f"{shape} {dtype} {engine} {variant} failed:\n{proc.stderr[-3000:]}", flush=True)

@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine_shapes import in_turn, tree_env  # noqa: E402
 from peak_memory import peak_allocated  # noqa: E402
 
 from hf_ispasp.algorithm import (  # noqa: E402
@@ -262,15 +262,13 @@ def _compare(args: argparse.Namespace) -> int:
     where = ""
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for engine, tree in engines if round_ % 2 == 0 else engines[::-1]:
+            for engine, tree in in_turn(engines, round_):
                 out = Path(scratch) / f"{engine}{round_}"
                 # the profile is the first round's (it does not depend on the timing)
                 extra = ["--profile", *(args.profile if round_ == 0 else [])]
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT),
-                                                                     os.environ.get("PYTHONPATH", "")])}
                 cmd = [sys.executable, str(Path(__file__).resolve()), *passed, *extra, "--engine", engine,
                        "--output-dir", str(out)]
-                proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+                proc = subprocess.run(cmd, env=tree_env(tree), cwd=tree, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{engine} failed:\n{proc.stderr[-3000:]}", flush=True)
                     return 1
